@@ -1,0 +1,120 @@
+"""The ``diffusion-gym`` command line.
+
+Subcommands:
+    sample   draw a PNG grid of images from a model (the embedded digits model by default).
+
+Later subcommands (train, evaluate, report) plug in here with ``_add_<name>(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from diffusion_gym import __version__, sampling
+from diffusion_gym.models import DEFAULT_MODEL, MissingWeightsError, load_model
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model spec: embedded:digits, random:<arch>, a hub id (cache only when offline) or a local "
+        f"diffusers directory (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--weights", default=None, metavar="DIR", help="a local diffusers directory to load; overrides --model"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_sample(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sample", help="write a PNG grid of samples from a model")
+    _add_model_arguments(p)
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--steps", type=int, default=40, help="DDIM steps K (default 40, as in the paper)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0: the stochastic policy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial and policy noise")
+    p.add_argument(
+        "--class",
+        dest="class_id",
+        type=int,
+        default=None,
+        help="condition of a class-conditional model (default: cycle through the classes)",
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from torchvision.utils import save_image
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    unet, scheduler = load_model(args.weights or args.model, device=args.device)
+    schedule = sampling.make_schedule(scheduler, args.steps, eta=args.eta, device=args.device)
+    num_classes = unet.config.num_class_embeds
+    conditions = None
+    if num_classes is not None:
+        if args.class_id is not None and not 0 <= args.class_id < num_classes:
+            raise ValueError(f"--class must lie in [0, {num_classes - 1}], got {args.class_id}")
+        conditions = torch.full((args.n,), args.class_id) if args.class_id is not None else torch.arange(args.n)
+        conditions = conditions % num_classes
+    elif args.class_id is not None:
+        raise ValueError("--class was given but the model is unconditional")
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    start = time.perf_counter()
+    x = sampling.generate(
+        sampling.unet_denoiser(unet),
+        schedule,
+        args.n,
+        shape,
+        conditions,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nrow = num_classes if conditions is not None and args.class_id is None else int(args.n**0.5 + 0.5)
+    save_image(sampling.to_unit_range(x), out, nrow=nrow, padding=1, pad_value=0.5)
+    what = f"{args.n} samples of {args.weights or args.model} ({args.steps} DDIM steps, eta {args.eta})"
+    print(f"wrote {what} to {out.resolve()} in {seconds:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffusion-gym`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="diffusion-gym",
+        description="RL fine-tuning of diffusion models as a Gymnasium problem.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffusion-gym {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_sample(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``diffusion-gym`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, MissingWeightsError) as error:
+        print(f"diffusion-gym {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""``DiffusionDenoise-v0``: the denoising chain of a diffusion model as a Gymnasium MDP.
+
+Two front ends share one batched torch core (:class:`DenoiseCore`):
+
+* :class:`DiffusionDenoiseEnv` — a single ``gymnasium.Env`` speaking numpy (passes
+  ``gymnasium.utils.env_checker.check_env`` and Stable-Baselines3's ``check_env``);
+* :class:`DiffusionDenoiseVectorEnv` — a native ``gymnasium.vector.VectorEnv`` whose observations,
+  actions, rewards and flags are torch tensors on its device (no host round trip per step), with
+  batched rewards and Gymnasium's ``SAME_STEP`` autoreset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from torch import Tensor
+
+from .. import sampling
+from ..models import DEFAULT_MODEL, LoadedModel, is_embedded_digits, load_model
+from ..references import ReferenceSource, make_references
+from ..rewards import RewardFn, make_reward
+from ..windows import ProbeResult, WindowStrategy, make_window
+
+PIXEL_BOUND = 10.0
+"""Bound of the image Box spaces: noisy images are N(0, 1)-scaled, so |x| < 10 in practice."""
+START_MODES = ("shared", "per_sample")
+
+Denoiser = sampling.Denoiser
+
+
+class DenoiseCore:
+    """The batched state machine behind both envs: ``B`` episodes as torch tensors on one device.
+
+    Args mirror :class:`DiffusionDenoiseEnv` (see there), plus ``num_envs`` (``B``).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_envs: int,
+        model: str | LoadedModel = DEFAULT_MODEL,
+        reward: str | RewardFn = "jpeg_compressibility",
+        window: str | Sequence[Sequence[int]] | WindowStrategy = "full",
+        num_steps: int = 40,
+        eta: float = 1.0,
+        scheduler: str = "ddim",
+        references: str | Tensor | ReferenceSource | None = None,
+        denoiser: Denoiser | torch.nn.Module | None = None,
+        samples_per_reference: int = 4,
+        start_mode: str = "shared",
+        probe_size: int = 8,
+        device: str | torch.device = "cpu",
+        reward_kwargs: dict[str, Any] | None = None,
+        window_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        if start_mode not in START_MODES:
+            raise ValueError(f"unknown start_mode {start_mode!r}; valid choices: {list(START_MODES)}")
+        for name, value in (("samples_per_reference", samples_per_reference), ("probe_size", probe_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.device = torch.device(device)
+        self.num_envs = num_envs
+        self.start_mode = start_mode
+        self.samples_per_reference = samples_per_reference
+        self.probe_size = probe_size
+
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, scheduler=scheduler, device=self.device)
+        self.model_spec = model if isinstance(model, str) else "<LoadedModel>"
+        self.unet = loaded.unet
+        self.scheduler = loaded.scheduler
+        config = self.unet.config
+        self.sample_shape: tuple[int, int, int] = (config.in_channels, config.sample_size, config.sample_size)
+        self.num_classes: int | None = getattr(config, "num_class_embeds", None)
+        self.schedule = sampling.make_schedule(self.scheduler, num_steps, eta=eta, device=self.device)
+        self.probe_schedule = sampling.make_schedule(self.scheduler, num_steps, eta=0.0, device=self.device)
+        self.num_steps = num_steps
+        self.eta = eta
+
+        self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", "custom")
+        self.reward_fn = make_reward(reward, **(reward_kwargs or {}))
+        self.set_denoiser(denoiser)
+        default_refs = "digits" if is_embedded_digits(self.unet) else "model"
+        self.references = make_references(
+            default_refs if references is None else references,
+            self.sample_shape,
+            model_sampler=self._sample_from_model,
+            num_classes=self.num_classes,
+        )
+        self.window: WindowStrategy = make_window(window, **(window_kwargs or {}))
+        self.window.bind(num_steps)
+
+        b = num_envs
+        self.x = torch.zeros((b, *self.sample_shape), device=self.device)
+        self.k = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.k0 = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.c = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.group = torch.full((b,), -1, dtype=torch.long, device=self.device)
+        self.k_host = np.zeros(b, dtype=np.int64)  # host mirror of k: termination needs no device sync
+        self.started = False
+        self._next_group = 0
+        self._episodes_since_batch = 0
+
+    # ----------------------------------------------------------------------------------- policy
+    def set_denoiser(self, denoiser: Denoiser | torch.nn.Module | None) -> None:
+        """Use ``denoiser`` to probe (HRF-D) and to sample model references.
+
+        Args:
+            denoiser: a UNet, any ``(x, t, c) -> model_output`` callable, or ``None`` for the loaded
+                base model.
+        """
+        if denoiser is None:
+            denoiser = self.unet
+        if isinstance(denoiser, torch.nn.Module) and hasattr(getattr(denoiser, "config", None), "sample_size"):
+            denoiser = sampling.unet_denoiser(denoiser)
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be a UNet module or a callable (x, t, c) -> output, got {denoiser!r}")
+        self.denoiser: Denoiser = denoiser
+
+    def _sample_from_model(self, n: int, conditions: Tensor | None, generator: torch.Generator) -> Tensor:
+        x = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
+        return sampling.run_chain(self.denoiser, x, self.schedule, conditions, generator=generator)
+
+    def probe(self, references: Tensor, conditions: Tensor, noise: Tensor) -> Callable[[int], ProbeResult]:
+        """HRF-D's probe: ``probe(k)`` noises ``references`` to ``k`` and denoises deterministically."""
+
+        def run(k: int) -> ProbeResult:
+            if k >= self.num_steps:
+                images = references
+            else:
+                x = sampling.add_noise(references, noise, k, self.probe_schedule)
+                images = sampling.run_chain(self.denoiser, x, self.probe_schedule, self._cond(conditions), start=k)
+            rewards = self.reward_fn(sampling.to_unit_range(images), self._cond(conditions))
+            return ProbeResult(rewards=rewards, images=images)
+
+        return run
+
+    def _cond(self, c: Tensor) -> Tensor | None:
+        return c if self.num_classes is not None else None
+
+    # ----------------------------------------------------------------------------------- episodes
+    def begin(
+        self,
+        rng: np.random.Generator,
+        indices: np.ndarray | None = None,
+        start_step: int | None = None,
+        condition: int | None = None,
+    ) -> None:
+        """Start new episodes for the envs in ``indices`` (default: all, a new batch)."""
+        idx = np.arange(self.num_envs) if indices is None else np.asarray(indices)
+        n = len(idx)
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        probe = None
+        if start_step is None and self.window.needs_probe:
+            refs = self.references.sample(self.probe_size, rng, self.device)
+            noise = torch.randn((self.probe_size, *self.sample_shape), generator=generator).to(self.device)
+            probe = self.probe(refs.images, refs.conditions, noise)
+        if start_step is not None:
+            if not isinstance(start_step, int | np.integer) or not 0 <= start_step < self.num_steps:
+                raise ValueError(f"start_step must be an int in [0, {self.num_steps - 1}], got {start_step!r}")
+            steps = np.full(n, int(start_step), dtype=np.int64)
+        elif self.start_mode == "shared":
+            steps = np.repeat(self.window.next_batch(1, rng, probe), n)
+        else:
+            steps = self.window.next_batch(n, rng, probe, count=False)
+            self._episodes_since_batch += n
+            while self._episodes_since_batch >= self.num_envs:
+                self._episodes_since_batch -= self.num_envs
+                self.window.count_batch()
+        if condition is not None and (self.num_classes is None or not 0 <= condition < self.num_classes):
+            valid = "[0]" if self.num_classes is None else f"[0, {self.num_classes - 1}]"
+            raise ValueError(f"condition must lie in {valid}, got {condition!r}")
+
+        noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
+        k0 = torch.from_numpy(steps).to(self.device)
+        uses_refs = self.window.uses_references or (start_step is not None and start_step > 0)
+        if uses_refs:
+            groups = -(-n // self.samples_per_reference)
+            refs = self.references.sample(groups, rng, self.device)
+            which = torch.arange(n, device=self.device) // self.samples_per_reference
+            images, c = refs.images[which], refs.conditions[which]
+            group = torch.arange(self._next_group, self._next_group + groups, device=self.device)[which]
+            self._next_group += groups
+            x = sampling.add_noise(images, noise, k0, self.schedule)
+        else:
+            x = noise
+            if self.num_classes is None:
+                c = torch.zeros(n, dtype=torch.long)
+            else:
+                c = torch.from_numpy(rng.integers(0, self.num_classes, size=n))
+            c, group = c.to(self.device), torch.full((n,), -1, dtype=torch.long, device=self.device)
+        if condition is not None:
+            c = torch.full_like(c, int(condition))
+        t_idx = torch.from_numpy(idx).to(self.device)
+        self.x[t_idx] = x.to(self.x.dtype)
+        self.k[t_idx], self.k0[t_idx], self.c[t_idx], self.group[t_idx] = k0, k0, c.long(), group
+        self.k_host[idx] = steps
+        self.started = True
+
+    def check_actions(self, actions: Tensor) -> None:
+        """Raise a clear error for actions of the wrong shape/dtype or with NaN/Inf/out-of-bound values."""
+        expected = (self.num_envs, *self.sample_shape)
+        if not isinstance(actions, Tensor) or actions.shape != expected:
+            got = tuple(actions.shape) if hasattr(actions, "shape") else type(actions).__name__
+            raise ValueError(f"action must be a float tensor of shape {expected}, got {got}")
+        if not actions.is_floating_point():
+            raise ValueError(f"action must be a floating-point tensor, got dtype {actions.dtype}")
+        if not bool(torch.isfinite(actions).all()):
+            raise ValueError("action contains NaN or Inf values")
+        if bool((actions.abs() > PIXEL_BOUND).any()):
+            raise ValueError(f"action values must lie in [-{PIXEL_BOUND}, {PIXEL_BOUND}] (the action space bounds)")
+
+    def advance(self, actions: Tensor) -> tuple[Tensor, np.ndarray]:
+        """Apply ``actions`` (``x_prev`` for every env); return ``(rewards, terminated)``.
+
+        ``rewards`` is a ``(B,)`` tensor (0 except at terminal steps, where it is ``r(x_0, c)``,
+        computed in one batched call); ``terminated`` is a host bool array.
+        """
+        if not self.started or (self.k_host >= self.num_steps).any():
+            raise RuntimeError("the episode has ended (or never started): call reset() before step()")
+        self.x = actions.to(device=self.device, dtype=self.x.dtype, copy=True)  # never alias the caller's memory
+        self.k += 1
+        self.k_host += 1
+        terminated = self.k_host >= self.num_steps
+        rewards = torch.zeros(self.num_envs, device=self.device)
+        if terminated.all():
+            rewards = self.reward_fn(sampling.to_unit_range(self.x), self._cond(self.c)).to(self.device).float()
+        elif terminated.any():
+            done = torch.from_numpy(np.flatnonzero(terminated)).to(self.device)
+            r = self.reward_fn(sampling.to_unit_range(self.x[done]), self._cond(self.c[done]))
+            rewards[done] = r.to(self.device).float()
+        return rewards, terminated
+
+    def timesteps(self) -> Tensor:
+        """``(B,)`` scheduler timestep of each env's current image (0 once it is clean)."""
+        k = self.k.clamp(max=self.num_steps - 1)
+        t = self.schedule.timesteps.to(self.device)[k]
+        return torch.where(self.k >= self.num_steps, torch.zeros_like(t), t)
+
+    def observation(self) -> dict[str, Tensor]:
+        """The batched observation ``{"c", "t", "x_t"}`` (tensors on the device)."""
+        return {"c": self.c.clone(), "t": self.timesteps(), "x_t": self.x.clone()}
+
+    # ----------------------------------------------------------------------------------- spaces
+    def single_spaces(self) -> tuple[spaces.Dict, spaces.Box]:
+        """The observation and action spaces of one env."""
+        num_c = self.num_classes or 1
+        image = spaces.Box(-PIXEL_BOUND, PIXEL_BOUND, shape=self.sample_shape, dtype=np.float32)
+        observation = spaces.Dict(
+            {
+                "c": spaces.Discrete(num_c),
+                "t": spaces.Discrete(self.schedule.num_train_timesteps),
+                "x_t": image,
+            }
+        )
+        return observation, image
+
+    def restart(self) -> None:
+        """Forget the episode history (window schedule, group ids): what a seeded reset does."""
+        self.window.restart()
+        self._next_group = 0
+        self._episodes_since_batch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Window counters and group counter, for checkpoints."""
+        return {"window": self.window.state_dict(), "next_group": self._next_group}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.window.load_state_dict(state["window"])
+        self._next_group = int(state["next_group"])
+
+
+_ENV_DOC_ARGS = """
+    Args:
+        model: a model spec for :func:`diffusion_gym.models.load_model` (default ``"embedded:digits"``)
+            or an already loaded ``LoadedModel``.
+        reward: a registered reward name (``"jpeg_compressibility"``, ``"jpeg_incompressibility"``,
+            ``"laion_aesthetic"``, ``"digit_confidence"``) or a callable
+            ``(images in [0, 1], conditions) -> (B,) tensor``.
+        window: ``"full"`` (DDPO), ``"hrf"``, ``"hrf-baseline"``, ``"hrf-early"``, ``"hrf-later"``,
+            ``"hrf-d"``, a list of ``(a, b)`` step-index clusters, or a ``WindowStrategy``.
+        num_steps: K, the number of DDIM/DDPM steps (paper: 40).
+        eta: DDIM's eta; 1.0 makes every step but the last a stochastic action.
+        scheduler: ``"ddim"`` (default) or ``"ddpm"``.
+        references: clean images windowed episodes start from: ``"digits"`` (default for the embedded
+            model), ``"model"`` (samples of the current denoiser; default for other models), a
+            folder, a tensor of images in ``[0, 1]`` or a ``ReferenceSource``.
+        denoiser: the current policy's network for HRF-D probes and model references (a UNet or a
+            ``(x, t, c) -> output`` callable); default: the loaded base model.
+        samples_per_reference: episodes started from each reference in a batch (one advantage group).
+        start_mode: ``"shared"`` (default; one start step per batch, as the paper's code) or
+            ``"per_sample"`` (one start step per episode, the paper's Algorithm 1).
+        probe_size: references per HRF-D probe.
+        device: torch device of the model and (vector env) of all tensors.
+        reward_kwargs: options of the reward factory.
+        window_kwargs: options of the window (``iterations``, ``beta``, ``stride``, ``batches_per_iteration``…).
+"""
+
+
+class DiffusionDenoiseEnv(gym.Env[dict[str, Any], np.ndarray]):
+    """Fine-tune a diffusion model's denoising chain with a reward on the final image.
+
+    ## Description
+    The reverse (denoising) chain of a diffusion model seen as an MDP, as in DDPO (Black et al.,
+    2024) and HRF (arXiv 2410.08315, §4.2). An episode denoises one image from a start step to the
+    clean image; the agent is the denoiser: it proposes the next, less noisy image. The UNet of the
+    model, read as the Gaussian ``π(x_{t-1} | x_t, t, c) = N(μ_θ, σ_t² I)`` (DDIM with ``eta`` or the
+    DDPM posterior, :mod:`diffusion_gym.sampling`), is the natural policy.
+
+    ## Action Space
+    ``Box(-10, 10, shape=(C, H, W), float32)``: ``x_{t-1}``, the next image in the model's ``[-1, 1]``
+    scale (noisy images are larger). Actions of the wrong shape or dtype, with NaN/Inf, or outside the
+    bounds are rejected with a ``ValueError`` and leave the env unchanged.
+
+    ## Observation Space
+    ``Dict({"c": Discrete(num_classes), "t": Discrete(T), "x_t": Box(-10, 10, (C, H, W), float32)})``:
+    the condition (class id; always 0 for an unconditional model), the scheduler timestep of the
+    current image (0 once clean) and the noisy image itself.
+
+    ## Rewards
+    0 at every step but the last; at the last, ``r(x_0, c)`` on the final image mapped to ``[0, 1]``
+    (JPEG (in)compressibility in kB, the LAION aesthetic score, or any callable).
+
+    ## Starting State
+    The window strategy picks the start step index ``k_0`` (0 = noisiest). With ``"full"`` the
+    image is pure noise ``N(0, I)`` and ``c`` is drawn uniformly. With any other window, a reference
+    image ``x_ref`` (and its condition) is noised to ``k_0``:
+    ``x = sqrt(ᾱ_{t_{k_0}}) x_ref + sqrt(1 − ᾱ_{t_{k_0}}) ε``.
+    ``reset(options={"start_step": k, "condition": c})`` overrides both. A seeded ``reset(seed=s)``
+    starts afresh: the RNG *and* the window schedule (iteration 0), so that it is deterministic.
+
+    ## Episode End
+    Terminates after the last step (``K − k_0`` steps); never truncated. Stepping after the end
+    without ``reset`` raises a ``RuntimeError``.
+
+    ## Info
+    ``start_step`` (``k_0``), ``step_index`` (``k`` of the current image), ``timestep``,
+    ``group`` (id of the reference image; −1 for pure noise) and, at the end, ``raw_reward``.
+    {args}
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
+
+    def __init__(self, render_mode: str | None = None, **kwargs: Any) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"unknown render_mode {render_mode!r}; valid choices: {self.metadata['render_modes']}")
+        self.render_mode = render_mode
+        self.core = DenoiseCore(num_envs=1, **kwargs)
+        self.observation_space, self.action_space = self.core.single_spaces()
+
+    @property
+    def window(self) -> WindowStrategy:
+        """The window strategy."""
+        return self.core.window
+
+    def set_window(self, window: WindowStrategy) -> None:
+        """Install another window strategy (see :class:`~diffusion_gym.windows.WindowWrapper`)."""
+        window.bind(self.core.num_steps)
+        self.core.window = window
+
+    def set_denoiser(self, denoiser: Denoiser | torch.nn.Module | None) -> None:
+        """See :meth:`DenoiseCore.set_denoiser`."""
+        self.core.set_denoiser(denoiser)
+
+    def _obs(self) -> dict[str, Any]:
+        obs = self.core.observation()
+        return {
+            "c": np.int64(obs["c"][0].item()),
+            "t": np.int64(obs["t"][0].item()),
+            "x_t": obs["x_t"][0].detach().cpu().numpy().astype(np.float32),
+        }
+
+    def _info(self) -> dict[str, Any]:
+        core = self.core
+        return {
+            "start_step": int(core.k0[0]),
+            "step_index": int(core.k_host[0]),
+            "timestep": int(core.timesteps()[0]),
+            "group": int(core.group[0]),
+        }
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Start an episode; ``options`` may set ``start_step`` and ``condition``."""
+        super().reset(seed=seed)
+        if seed is not None:
+            self.core.restart()
+        options = dict(options or {})
+        unknown = set(options) - {"start_step", "condition"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; valid choices: ['condition', 'start_step']")
+        self.core.begin(self.np_random, start_step=options.get("start_step"), condition=options.get("condition"))
+        return self._obs(), self._info()
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        """Take ``x_{t-1} = action``."""
+        if not self.core.started or self.core.k_host[0] >= self.core.num_steps:
+            raise RuntimeError("the episode has ended (or never started): call reset() before step()")
+        if isinstance(action, Tensor):
+            action = action.detach().cpu().numpy()
+        action = np.asarray(action)
+        if action.dtype.kind != "f":
+            raise ValueError(
+                f"action must be a float32 array of shape {self.core.sample_shape}, got dtype {action.dtype}"
+            )
+        if action.shape != self.core.sample_shape:
+            raise ValueError(f"action must be a float32 array of shape {self.core.sample_shape}, got {action.shape}")
+        tensor = torch.as_tensor(action, dtype=torch.float32).unsqueeze(0)
+        self.core.check_actions(tensor)
+        rewards, terminated = self.core.advance(tensor)
+        info = self._info()
+        reward = float(rewards[0])
+        if terminated[0]:
+            info["raw_reward"] = reward
+        return self._obs(), reward, bool(terminated[0]), False, info
+
+    def render(self) -> np.ndarray | None:
+        """The current image as an ``H × W × 3`` uint8 array (``render_mode="rgb_array"``)."""
+        if self.render_mode != "rgb_array":
+            return None
+        return _to_rgb(self.core.x[0])
+
+
+class DiffusionDenoiseVectorEnv(VectorEnv):
+    """``num_envs`` denoising episodes as one batch of torch tensors (native vector env).
+
+    Everything stays on ``device``: observations are dicts of tensors (``"c"``, ``"t"``: ``(B,)``
+    int64; ``"x_t"``: ``(B, C, H, W)`` float32), actions a ``(B, C, H, W)`` tensor, rewards a
+    ``(B,)`` float32 tensor, terminations and truncations ``(B,)`` bool tensors. The reward is
+    computed once per batch, for all envs that finish at a step.
+
+    Batch semantics: with ``start_mode="shared"`` (default, as the paper's code) a batch shares
+    one start step chosen by the window, ``samples_per_reference`` consecutive envs start from the
+    same reference image (``info["group"]``, the advantage group), and all envs finish on the same
+    step; the whole batch then autoresets to a new start step. With ``"per_sample"`` each env draws
+    its own start step and autoresets on its own.
+
+    Autoreset: Gymnasium's ``AutoresetMode.SAME_STEP``. The step on which episodes end returns the
+    *new* episodes' first observations; the final ones are in ``info["final_obs"]`` (a dict of
+    batched tensors) and ``info["final_info"]``, with the mask ``info["_final_obs"]``.
+
+    Info: ``start_step``, ``step_index``, ``group`` (``(B,)`` tensors) and ``raw_reward`` (with the
+    mask ``_raw_reward``) at terminal steps.
+
+    ``check_actions=False`` skips the NaN/bound checks (one device sync per step) on fast paths.
+    {args}
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": ["rgb_array"]}
+
+    def __init__(
+        self, num_envs: int = 16, check_actions: bool = True, render_mode: str | None = None, **kwargs: Any
+    ) -> None:
+        self.core = DenoiseCore(num_envs=num_envs, **kwargs)
+        self.num_envs = num_envs
+        self.device = self.core.device
+        self.check = check_actions
+        self.render_mode = render_mode
+        self.single_observation_space, self.single_action_space = self.core.single_spaces()
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._np_random: np.random.Generator | None = None
+
+    @property
+    def window(self) -> WindowStrategy:
+        """The window strategy."""
+        return self.core.window
+
+    def set_window(self, window: WindowStrategy) -> None:
+        """Install another window strategy."""
+        window.bind(self.core.num_steps)
+        self.core.window = window
+
+    def set_denoiser(self, denoiser: Denoiser | torch.nn.Module | None) -> None:
+        """See :meth:`DenoiseCore.set_denoiser`."""
+        self.core.set_denoiser(denoiser)
+
+    def _info(self) -> dict[str, Any]:
+        core = self.core
+        return {"start_step": core.k0.clone(), "step_index": core.k.clone(), "group": core.group.clone()}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Start a new batch of episodes; ``options`` may set ``start_step`` and ``condition``."""
+        if seed is not None or self._np_random is None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+            self.core.restart()
+        options = dict(options or {})
+        unknown = set(options) - {"start_step", "condition"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; valid choices: ['condition', 'start_step']")
+        self.core.begin(self.np_random, start_step=options.get("start_step"), condition=options.get("condition"))
+        return self.core.observation(), self._info()
+
+    def step(self, actions: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, dict[str, Any]]:
+        """Take ``x_{t-1} = actions`` in every env (a ``(B, C, H, W)`` tensor)."""
+        core = self.core
+        if not core.started:
+            raise RuntimeError("call reset() before step()")
+        if self.check:
+            core.check_actions(actions)
+        rewards, terminated = core.advance(actions)
+        info = self._info()
+        done = torch.from_numpy(terminated).to(self.device)
+        if terminated.any():
+            info["raw_reward"], info["_raw_reward"] = rewards.clone(), done.clone()
+            info["final_obs"], info["final_info"] = core.observation(), dict(info)
+            info["_final_obs"] = info["_final_info"] = done
+            core.begin(self.np_random, indices=np.flatnonzero(terminated))
+            info.update(self._info())
+        truncated = torch.zeros_like(done)
+        return core.observation(), rewards, done, truncated, info
+
+    def render(self) -> tuple[np.ndarray, ...] | None:
+        """The current images as ``H × W × 3`` uint8 arrays."""
+        if self.render_mode != "rgb_array":
+            return None
+        return tuple(_to_rgb(x) for x in self.core.x)
+
+
+def _to_rgb(x: Tensor) -> np.ndarray:
+    image = (sampling.to_unit_range(x) * 255).round().byte().cpu()
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image.permute(1, 2, 0).numpy()
+
+
+DiffusionDenoiseEnv.__doc__ = (DiffusionDenoiseEnv.__doc__ or "").replace("{args}", _ENV_DOC_ARGS)
+DiffusionDenoiseVectorEnv.__doc__ = (DiffusionDenoiseVectorEnv.__doc__ or "").replace("{args}", _ENV_DOC_ARGS)

@@ -1,0 +1,497 @@
+"""The policy math of the denoising MDP, as pure functions over tensors.
+
+A K-step sampling chain of a diffusers scheduler is turned into a :class:`DenoisingSchedule`: one
+coefficient per *step index* ``k`` (``k = 0`` is the noisiest step, ``k = K - 1`` the last). Every
+function below takes the model output (the UNet's prediction), the current image ``x`` and a step
+index ``k`` — a Python int, or a ``(B,)`` integer tensor when the samples of a batch sit at
+different steps — and is batched over any device and dtype.
+
+The policy at step ``k`` is the Gaussian ``π(x_prev | x, k, c) = N(μ, σ_k² I)`` with
+
+* DDIM (``eta``), as diffusers' ``DDIMScheduler.step``::
+
+      x̂0 = (x − sqrt(1−ᾱ_t)·ε) / sqrt(ᾱ_t)              (clipped / thresholded if configured)
+      σ² = eta² · (1−ᾱ_t')/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_t')
+      μ  = sqrt(ᾱ_t')·x̂0 + sqrt(1−ᾱ_t'−σ²)·ε
+
+  with ``t' = t − T/K`` and ``ᾱ_t' = final_alpha_cumprod`` when ``t' < 0``;
+* DDPM, the posterior ``q(x_t' | x_t, x̂0)`` as diffusers' ``DDPMScheduler.step``.
+
+``mean + std · z`` equals diffusers' ``step(..., variance_noise=z).prev_sample`` (tested to 1e-5 in
+fp32). Log-probabilities are **averaged over pixels** (as ddpo-pytorch does; a sum over 256²·3
+dimensions makes PPO ratios explode). Steps whose σ is exactly 0 (the last DDIM step with
+``set_alpha_to_one=True``, the last DDPM step, every step at ``eta = 0``) are deterministic: they
+are not stochastic actions, :func:`log_prob` returns 0 for them and
+:attr:`DenoisingSchedule.deterministic` flags them so that policy losses can mask them out. No
+epsilon is ever added to σ.
+
+Computations run in float32 (float64 if the inputs are float64), whatever the input dtype, so a
+bf16 UNet output still gets fp32 policy math.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+StepIndex = int | Tensor
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class DenoisingSchedule:
+    """Per-step-index coefficients of a K-step DDIM(eta) or DDPM sampling chain.
+
+    Build one with :func:`make_schedule`. Tensors have shape ``(K,)``; index them with the step
+    index ``k`` (0 = noisiest).
+    """
+
+    kind: str
+    """``"ddim"`` or ``"ddpm"``."""
+    timesteps: Tensor
+    """``t_k``, the scheduler (training) timestep at each step index, int64."""
+    alpha_prod: Tensor
+    """``ᾱ_{t_k}``."""
+    alpha_prod_prev: Tensor
+    """``ᾱ`` at the timestep the step moves to (1 or ``final_alpha_cumprod`` after the last one)."""
+    std: Tensor
+    """``σ_k``, the policy's standard deviation at each step index (0 where deterministic)."""
+    eta: float
+    """DDIM's eta (1.0 for DDPM, whose variance is set by ``variance_type``)."""
+    prediction_type: str
+    """What the model predicts: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``."""
+    clip_sample: bool
+    """Whether x̂0 is clipped to ``±clip_sample_range``."""
+    clip_sample_range: float
+    """The clipping range of x̂0."""
+    thresholding: bool
+    """Whether x̂0 is dynamically thresholded (Imagen) instead of clipped."""
+    dynamic_thresholding_ratio: float
+    """Percentile of ``|x̂0|`` used by dynamic thresholding."""
+    sample_max_value: float
+    """Upper bound of the dynamic threshold."""
+    num_train_timesteps: int
+    """Number of training timesteps of the scheduler (T)."""
+
+    @property
+    def num_steps(self) -> int:
+        """K, the number of denoising steps."""
+        return int(self.timesteps.shape[0])
+
+    @property
+    def deterministic(self) -> Tensor:
+        """``(K,)`` bool mask of the steps whose σ is 0 (not stochastic actions)."""
+        return self.std == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the coefficient tensors."""
+        return self.alpha_prod.device
+
+    def to(self, device: str | torch.device) -> DenoisingSchedule:
+        """A copy with every tensor on ``device``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()}
+        return DenoisingSchedule(**moved)
+
+
+def make_schedule(
+    scheduler: SchedulerMixin,
+    num_steps: int,
+    eta: float = 1.0,
+    device: str | torch.device | None = None,
+) -> DenoisingSchedule:
+    """Build the :class:`DenoisingSchedule` of a diffusers scheduler with ``num_steps`` steps.
+
+    The scheduler is not modified (a fresh copy is built from its config).
+
+    Args:
+        scheduler: a ``DDIMScheduler`` or ``DDPMScheduler`` (or a subclass).
+        num_steps: K, the number of denoising steps (``set_timesteps(K)``).
+        eta: DDIM's eta in ``[0, ∞)``; ignored by DDPM (whose variance comes from its config).
+        device: where the coefficient tensors live (default: CPU).
+
+    Raises:
+        ValueError: for an unsupported scheduler, prediction type, variance type, ``num_steps`` or
+            ``eta``.
+    """
+    if isinstance(scheduler, DDIMScheduler):
+        kind = "ddim"
+    elif isinstance(scheduler, DDPMScheduler):
+        kind = "ddpm"
+    else:
+        raise ValueError(
+            f"unsupported scheduler {type(scheduler).__name__}; valid choices: DDIMScheduler, DDPMScheduler"
+        )
+    config = scheduler.config
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {config.prediction_type!r}; valid choices: {PREDICTION_TYPES}")
+    total = int(config.num_train_timesteps)
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= total:
+        raise ValueError(f"num_steps must be an int in [1, {total}], got {num_steps!r}")
+    if not (isinstance(eta, int | float) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+
+    fresh = type(scheduler).from_config(config)
+    fresh.set_timesteps(num_steps)
+    timesteps = fresh.timesteps.to(torch.int64)
+    alphas = fresh.alphas_cumprod.to(torch.float64)
+    alpha_prod = alphas[timesteps]
+    if kind == "ddim":
+        prev_t = timesteps - total // num_steps
+        final = float(fresh.final_alpha_cumprod)
+    else:
+        prev_t = torch.cat([timesteps[1:], torch.tensor([-1])])
+        final = 1.0
+    alpha_prod_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], torch.full_like(alpha_prod, final))
+
+    beta_t = 1 - alpha_prod
+    beta_prev = 1 - alpha_prod_prev
+    current_beta = 1 - alpha_prod / alpha_prod_prev
+    posterior_var = beta_prev / beta_t * current_beta
+    if kind == "ddim":
+        std = float(eta) * posterior_var.clamp(min=0).sqrt()
+    else:
+        variance_type = config.variance_type
+        if variance_type not in DDPM_VARIANCE_TYPES:
+            raise ValueError(
+                f"unsupported DDPM variance_type {variance_type!r} (a learned variance is not a fixed-σ policy); "
+                f"valid choices: {DDPM_VARIANCE_TYPES}"
+            )
+        if variance_type == "fixed_large":
+            var = current_beta
+        else:
+            var = posterior_var.clamp(min=1e-20)  # diffusers clamps before its log
+        std = torch.where(timesteps > 0, var.sqrt(), torch.zeros_like(var))  # no noise is added at t = 0
+        eta = 1.0
+
+    return DenoisingSchedule(
+        kind=kind,
+        timesteps=timesteps,
+        alpha_prod=alpha_prod.float(),
+        alpha_prod_prev=alpha_prod_prev.float(),
+        std=std.float(),
+        eta=float(eta),
+        prediction_type=config.prediction_type,
+        clip_sample=bool(config.clip_sample),
+        clip_sample_range=float(getattr(config, "clip_sample_range", 1.0)),
+        thresholding=bool(getattr(config, "thresholding", False)),
+        dynamic_thresholding_ratio=float(getattr(config, "dynamic_thresholding_ratio", 0.995)),
+        sample_max_value=float(getattr(config, "sample_max_value", 1.0)),
+        num_train_timesteps=total,
+    ).to(device or "cpu")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _at(coef: Tensor, k: StepIndex, like: Tensor) -> Tensor:
+    """``coef[k]`` on ``like``'s device, shaped to broadcast against the ``(B, …)`` batch ``like``."""
+    if isinstance(k, Tensor):
+        k = k.to(device=coef.device, dtype=torch.long)
+        value = coef[k]
+        if value.ndim == 1:
+            value = value.view(-1, *([1] * (like.ndim - 1)))
+    else:
+        value = coef[int(k)]
+    return value.to(device=like.device, dtype=_compute_dtype(like))
+
+
+def _check_index(k: StepIndex, schedule: DenoisingSchedule) -> None:
+    if isinstance(k, Tensor):
+        bad = (k < 0) | (k >= schedule.num_steps)
+        if k.numel() and bool(bad.any()):
+            raise IndexError(f"step indices must lie in [0, {schedule.num_steps - 1}], got {k.tolist()}")
+    elif not 0 <= int(k) < schedule.num_steps:
+        raise IndexError(f"step index must lie in [0, {schedule.num_steps - 1}], got {k}")
+
+
+def timestep_at(k: StepIndex, schedule: DenoisingSchedule) -> Tensor:
+    """The scheduler timestep ``t_k`` to feed the UNet at step index ``k`` (int64 tensor)."""
+    _check_index(k, schedule)
+    if isinstance(k, Tensor):
+        return schedule.timesteps.to(k.device)[k.long()]
+    return schedule.timesteps[int(k)]
+
+
+def _threshold(x0: Tensor, schedule: DenoisingSchedule) -> Tensor:
+    """Imagen's dynamic thresholding, per sample (as diffusers' ``_threshold_sample``)."""
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), schedule.dynamic_thresholding_ratio, dim=1)
+    s = s.clamp(min=1, max=schedule.sample_max_value).view(-1, *([1] * (x0.ndim - 1)))
+    return torch.clamp(x0, -s, s) / s
+
+
+def predict_x0_eps(
+    model_output: Tensor,
+    x: Tensor,
+    k: StepIndex,
+    schedule: DenoisingSchedule,
+    *,
+    clip: bool = True,
+    use_clipped_model_output: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The model's predictions of the clean image x̂0 and of the noise ε at step index ``k``.
+
+    Args:
+        model_output: the UNet's output (ε, x0 or v, per the schedule's ``prediction_type``).
+        x: the current noisy image ``x_{t_k}``, ``(B, C, H, W)``.
+        k: step index, int or ``(B,)`` tensor.
+        schedule: from :func:`make_schedule`.
+        clip: apply the scheduler's ``clip_sample`` / ``thresholding`` to x̂0.
+        use_clipped_model_output: recompute ε from the clipped x̂0 (diffusers' option of that name).
+
+    Returns:
+        ``(x0, eps)`` in float32 (float64 for float64 inputs).
+    """
+    _check_index(k, schedule)
+    dtype = _compute_dtype(x)
+    out, x = model_output.to(dtype), x.to(dtype)
+    a = _at(schedule.alpha_prod, k, x)
+    sqrt_a, sqrt_b = a.sqrt(), (1 - a).sqrt()
+    if schedule.prediction_type == "epsilon":
+        x0, eps = (x - sqrt_b * out) / sqrt_a, out
+    elif schedule.prediction_type == "sample":
+        x0 = out
+        eps = (x - sqrt_a * x0) / sqrt_b
+    else:  # v_prediction
+        x0 = sqrt_a * x - sqrt_b * out
+        eps = sqrt_a * out + sqrt_b * x
+    if clip and schedule.thresholding:
+        x0 = _threshold(x0, schedule)
+    elif clip and schedule.clip_sample:
+        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    if use_clipped_model_output:
+        eps = (x - sqrt_a * x0) / sqrt_b
+    return x0, eps
+
+
+def step_std(k: StepIndex, schedule: DenoisingSchedule, like: Tensor) -> Tensor:
+    """σ_k, shaped to broadcast against the batch ``like`` (0 at deterministic steps)."""
+    _check_index(k, schedule)
+    return _at(schedule.std, k, like)
+
+
+def _mean_from(x0: Tensor, eps: Tensor, x: Tensor, k: StepIndex, schedule: DenoisingSchedule) -> Tensor:
+    a_prev = _at(schedule.alpha_prod_prev, k, x0)
+    if schedule.kind == "ddim":
+        std = _at(schedule.std, k, x0)
+        return a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    a = _at(schedule.alpha_prod, k, x0)
+    current_alpha = a / a_prev
+    coef_x0 = a_prev.sqrt() * (1 - current_alpha) / (1 - a)
+    coef_x = current_alpha.sqrt() * (1 - a_prev) / (1 - a)
+    return coef_x0 * x0 + coef_x * x.to(x0.dtype)
+
+
+def step_mean(
+    model_output: Tensor,
+    x: Tensor,
+    k: StepIndex,
+    schedule: DenoisingSchedule,
+    *,
+    use_clipped_model_output: bool = False,
+) -> Tensor:
+    """μ, the mean of the policy ``π(x_prev | x, k)`` (DDIM(eta) or the DDPM posterior)."""
+    x0, eps = predict_x0_eps(model_output, x, k, schedule, use_clipped_model_output=use_clipped_model_output)
+    return _mean_from(x0, eps, x, k, schedule)
+
+
+def log_prob(x_prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Gaussian log-density of ``x_prev`` under ``N(mean, std²)``, **averaged over pixels**.
+
+    Args:
+        x_prev: the action, ``(B, …)``.
+        mean: μ, same shape.
+        std: σ, broadcastable (e.g. ``(B, 1, 1, 1)`` or a scalar tensor).
+
+    Returns:
+        ``(B,)`` float32 (float64 for float64 inputs); exactly 0 for samples whose σ is 0
+        (deterministic steps carry no log-probability and must be masked out of policy losses).
+    """
+    dtype = _compute_dtype(mean)
+    x_prev, mean = x_prev.to(dtype), mean.to(dtype)
+    std = torch.broadcast_to(std.to(dtype), x_prev.shape)
+    zero = std == 0
+    safe_std = torch.where(zero, torch.ones_like(std), std)
+    per_pixel = -((x_prev - mean) ** 2) / (2 * safe_std**2) - safe_std.log() - _HALF_LOG_2PI
+    lp = per_pixel.flatten(1).mean(dim=1)
+    return torch.where(zero.flatten(1).all(dim=1), torch.zeros_like(lp), lp)
+
+
+def add_noise(x0: Tensor, noise: Tensor, k: StepIndex, schedule: DenoisingSchedule) -> Tensor:
+    """Noise clean images to step index ``k``: ``sqrt(ᾱ_{t_k})·x0 + sqrt(1 − ᾱ_{t_k})·noise``.
+
+    Equals diffusers' ``scheduler.add_noise(x0, noise, t_k)``. Returned in ``x0``'s dtype.
+    """
+    _check_index(k, schedule)
+    a = _at(schedule.alpha_prod, k, x0)
+    return (a.sqrt() * x0.to(a.dtype) + (1 - a).sqrt() * noise.to(a.dtype)).to(x0.dtype)
+
+
+class StepOutput(NamedTuple):
+    """The result of one policy step (:func:`denoise_step`)."""
+
+    x_prev: Tensor
+    """The action: the next, less noisy image (input dtype)."""
+    log_prob: Tensor
+    """``(B,)`` log π(x_prev | x, k), averaged over pixels (0 at deterministic steps)."""
+    mean: Tensor
+    """μ (compute dtype)."""
+    std: Tensor
+    """σ, broadcastable to the batch."""
+    x0: Tensor
+    """The model's x̂0 prediction at this step (clipped as configured)."""
+
+
+def denoise_step(
+    model_output: Tensor,
+    x: Tensor,
+    k: StepIndex,
+    schedule: DenoisingSchedule,
+    *,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    x_prev: Tensor | None = None,
+    use_clipped_model_output: bool = False,
+) -> StepOutput:
+    """One step of the Gaussian policy: sample ``x_prev`` (or score a given one) and its log-prob.
+
+    Args:
+        model_output: the UNet's output at ``(x, t_k, c)``.
+        x: current images ``(B, C, H, W)``.
+        k: step index, int or ``(B,)`` tensor.
+        schedule: from :func:`make_schedule`.
+        noise: the standard normal ``z`` of the action ``μ + σ·z`` (drawn if not given).
+        generator: RNG for drawing ``z``.
+        x_prev: an action to score instead of sampling one (PPO's recomputation).
+        use_clipped_model_output: see :func:`predict_x0_eps`.
+    """
+    x0, eps = predict_x0_eps(model_output, x, k, schedule, use_clipped_model_output=use_clipped_model_output)
+    mean = _mean_from(x0, eps, x, k, schedule)
+    std = step_std(k, schedule, mean)
+    if x_prev is None:
+        if noise is None:  # drawn where the generator lives (a CPU generator gives device-independent draws)
+            where = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=where, dtype=mean.dtype).to(x.device)
+        x_prev = (mean + std * noise.to(mean.dtype)).to(x.dtype)
+    return StepOutput(x_prev, log_prob(x_prev, mean, std), mean, std, x0)
+
+
+Denoiser = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+"""``(x, t, c) -> model_output``: a UNet call (or any network) at images ``x``, timesteps ``t`` ``(B,)``
+and conditions ``c`` (class ids ``(B,)``, or ``None`` for an unconditional model)."""
+
+
+def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
+    """Wrap a diffusers ``UNet2DModel`` as a :data:`Denoiser` (class labels passed when it has them)."""
+    conditional = getattr(unet.config, "num_class_embeds", None) is not None or (
+        getattr(unet.config, "class_embed_type", None) is not None
+    )
+
+    def denoise(x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
+        if conditional and c is None:
+            raise ValueError("this UNet is class-conditional: pass conditions (class ids), got None")
+        return unet(x, t, class_labels=c if conditional else None).sample
+
+    return denoise
+
+
+@torch.no_grad()
+def run_chain(
+    denoiser: Denoiser,
+    x: Tensor,
+    schedule: DenoisingSchedule,
+    condition: Tensor | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Denoise ``x`` from step index ``start`` through ``stop - 1`` (default: to the end) with the policy.
+
+    With a DDIM schedule of ``eta = 0`` the chain is deterministic (HRF-D's probes).
+
+    Args:
+        denoiser: the network, see :data:`Denoiser`.
+        x: images at step index ``start`` (pure noise for ``start = 0``).
+        schedule: from :func:`make_schedule`.
+        condition: conditions passed to the denoiser.
+        start: first step index.
+        stop: one past the last step index.
+        generator: RNG of the policy noise (drawn on the generator's device, then moved to ``x``'s).
+
+    Returns:
+        The images after the last step, in ``x``'s dtype.
+    """
+    stop = schedule.num_steps if stop is None else stop
+    for k in range(start, stop):
+        t = timestep_at(k, schedule).to(x.device).expand(x.shape[0])
+        x = denoise_step(denoiser(x, t, condition), x, k, schedule, generator=generator).x_prev
+    return x
+
+
+def to_unit_range(x: Tensor) -> Tensor:
+    """Map model-space images in ``[-1, 1]`` to ``[0, 1]`` (clamped) — what rewards and metrics see."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def initial_noise(n: int, sample_shape: tuple[int, ...], seed: int, device: str | torch.device = "cpu") -> Tensor:
+    """``n`` standard-normal images drawn on the CPU from ``seed``, then moved to ``device``.
+
+    Drawing on the CPU makes the noise identical on every device, so evaluations of different
+    models (Base / DDPO / HRF / HRF-D) start from the same noise, sample for sample.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *sample_shape), generator=g).to(device)
+
+
+@torch.no_grad()
+def generate(
+    denoiser: Denoiser,
+    schedule: DenoisingSchedule,
+    n: int,
+    sample_shape: tuple[int, ...],
+    conditions: Tensor | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+) -> Tensor:
+    """Sample ``n`` images from pure noise (the full chain), in ``[-1, 1]``.
+
+    The initial noise comes from :func:`initial_noise` (``seed``): image ``i`` of every model starts
+    from the same noise. The policy noise comes from a CPU generator seeded with ``seed + 1`` and is
+    drawn batch by batch, so a run is reproduced exactly with the same ``seed`` and ``batch_size``.
+
+    Args:
+        denoiser: see :data:`Denoiser`.
+        schedule: from :func:`make_schedule` (on ``device``).
+        n: number of images.
+        sample_shape: ``(C, H, W)``.
+        conditions: ``(n,)`` class ids for a class-conditional model.
+        seed: seed of the initial and policy noise.
+        device: where to run.
+        batch_size: images per chain.
+    """
+    x_all = initial_noise(n, sample_shape, seed)
+    policy_rng = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for start in range(0, n, batch_size):
+        x = x_all[start : start + batch_size].to(device)
+        c = None if conditions is None else conditions[start : start + batch_size].to(device)
+        for k in range(schedule.num_steps):
+            t = timestep_at(k, schedule).to(device).expand(x.shape[0])
+            z = torch.randn(x.shape, generator=policy_rng).to(device)
+            x = denoise_step(denoiser(x, t, c), x, k, schedule, noise=z).x_prev
+        out.append(x)
+    return torch.cat(out)

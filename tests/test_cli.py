@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from agents.cli import main
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "sample" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run(
+        [sys.executable, "-c", "from agents.cli import main; raise SystemExit(main(['--version']))"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "diffusion-gym" in out.stdout
+
+
+def test_sample_writes_a_grid_of_digits(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--n", "20", "--steps", "10", "--out", str(out)]) == 0
+    image = Image.open(out)
+    # 20 images of 16×16 in rows of 10 (one column per digit), 1-pixel padding
+    assert image.size == (10 * 17 + 1, 2 * 17 + 1)
+    assert str(out) in capsys.readouterr().out
+
+
+def test_sample_rejects_bad_input_with_one_clear_line(tmp_path, capsys):
+    assert main(["sample", "--class", "12", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--class must lie in [0, 9], got 12" in err
+    assert main(["sample", "--model", "embedded:cats", "--out", str(tmp_path / "x.png")]) == 2
+    assert "embedded:digits" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
