@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A short HRF-D fine-tuning run of the embedded digits model (about 2 minutes on 2 CPU cores).
+DEMO_CONFIG ?= envs_configs/digits_hrf-d_jpeg_compressibility.yaml
 demo: $(STAMP)
-	$(BIN)/diffusion-gym sample --n 100 --out runs/demo/samples.png
+	rm -rf runs/demo
+	$(BIN)/diffusion-gym train --config $(DEMO_CONFIG) --run-dir runs/demo --set num_epochs=8 --set eval.every=4 --set save_every=4
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

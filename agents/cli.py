@@ -1,9 +1,10 @@
 """The ``diffusion-gym`` command line.
 
 Subcommands:
-    sample   draw a PNG grid of images from a model (the embedded digits model by default).
+    train    PPO-IS (DDPO-IS / HRF / HRF-D) from a YAML config in envs_configs/.
+    sample   draw a PNG grid of images from a model or a training checkpoint.
 
-Later subcommands (train, evaluate, report) plug in here with ``_add_<name>(subparsers)``.
+Later subcommands (evaluate, report) plug in here with ``_add_<name>(subparsers)``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,54 @@ def _add_sample(subparsers: argparse._SubParsersAction) -> None:
         help="condition of a class-conditional model (default: cycle through the classes)",
     )
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="a training checkpoint (or run directory: its latest checkpoint); overrides --model",
+    )
     p.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
     p.set_defaults(func=_run_sample)
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="fine-tune with PPO-IS (DDPO / HRF / HRF-D) from a YAML config")
+    p.add_argument("--config", default=None, help="YAML file (envs_configs/*.yaml); default: built-in defaults")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, YAML-typed (repeatable), e.g. --set train.learning_rate=1e-4",
+    )
+    p.add_argument("--run-dir", default=None, help="run directory (default: <logdir>/<run_name or time>)")
+    p.add_argument(
+        "--resume", default=None, metavar="PATH", help="continue from a checkpoint or a run directory's latest one"
+    )
+    p.add_argument("--weights", default=None, metavar="DIR", help="a local diffusers directory; overrides model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .ppo_is.config import load_config
+    from .ppo_is.trainer import train
+
+    overrides = list(args.overrides) + ([f"model={args.weights}"] if args.weights else [])
+    config = load_config(args.config, overrides)
+    result = train(config, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress)
+    last = result.epochs[-1] if result.epochs else None
+    print(f"run directory: {result.run_dir.resolve()}")
+    print(f"  TensorBoard logs: {(result.run_dir / 'tb').resolve()}  (tensorboard --logdir {result.run_dir})")
+    print(f"  checkpoints:      {(result.run_dir / 'checkpoints').resolve()}")
+    print(f"  sample grids:     {(result.run_dir / 'samples').resolve()}  (fixed evaluation noise, per eval epoch)")
+    if last is not None and result.base_eval_reward is not None and result.final_eval_reward is not None:
+        print(
+            f"  fixed-noise eval reward ({config.env.reward}): base {result.base_eval_reward:.4f} -> "
+            f"{result.final_eval_reward:.4f} after {last.epoch + 1} epochs"
+        )
+    return 0
 
 
 def _run_sample(args: argparse.Namespace) -> int:
@@ -57,7 +104,15 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    unet, scheduler = load_model(args.weights or args.model, device=args.device)
+    spec = args.weights or args.model
+    if args.checkpoint:
+        from .common.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(args.checkpoint)
+        if found is None:
+            raise ValueError(f"no complete checkpoint found at {args.checkpoint}")
+        spec = str(found)  # a checkpoint is a diffusers pipeline folder (model_index.json, unet/, scheduler/)
+    unet, scheduler = load_model(spec, device=args.device)
     schedule = sampling.make_schedule(scheduler, args.steps, eta=args.eta, device=args.device)
     num_classes = unet.config.num_class_embeds
     conditions = None
@@ -85,7 +140,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     nrow = num_classes if conditions is not None and args.class_id is None else int(args.n**0.5 + 0.5)
     save_image(sampling.to_unit_range(x), out, nrow=nrow, padding=1, pad_value=0.5)
-    what = f"{args.n} samples of {args.weights or args.model} ({args.steps} DDIM steps, eta {args.eta})"
+    what = f"{args.n} samples of {args.checkpoint or spec} ({args.steps} DDIM steps, eta {args.eta})"
     print(f"wrote {what} to {out.resolve()} in {seconds:.1f} s")
     return 0
 
@@ -98,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"diffusion-gym {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(subparsers)
     _add_sample(subparsers)
     return parser
 

@@ -270,13 +270,30 @@ class DenoiseCore:
         self._episodes_since_batch = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Window counters and group counter, for checkpoints."""
-        return {"window": self.window.state_dict(), "next_group": self._next_group}
+        """Everything a checkpoint needs to continue exactly: window, counters and the open episodes."""
+        return {
+            "window": self.window.state_dict(),
+            "next_group": self._next_group,
+            "episodes_since_batch": self._episodes_since_batch,
+            "started": self.started,
+            "episodes": {name: getattr(self, name).cpu().clone() for name in ("x", "k", "k0", "c", "group")},
+            "k_host": self.k_host.copy(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (same ``num_envs`` and sample shape)."""
         self.window.load_state_dict(state["window"])
         self._next_group = int(state["next_group"])
+        self._episodes_since_batch = int(state["episodes_since_batch"])
+        self.started = bool(state["started"])
+        for name, value in state["episodes"].items():
+            if value.shape != getattr(self, name).shape:
+                raise ValueError(
+                    f"saved env state has {name} of shape {tuple(value.shape)}, this env needs "
+                    f"{tuple(getattr(self, name).shape)} (num_envs or model changed?)"
+                )
+            setattr(self, name, value.to(self.device))
+        self.k_host = np.asarray(state["k_host"], dtype=np.int64).copy()
 
 
 _ENV_DOC_ARGS = """
@@ -488,6 +505,26 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
     def _info(self) -> dict[str, Any]:
         core = self.core
         return {"start_step": core.k0.clone(), "step_index": core.k.clone(), "group": core.group.clone()}
+
+    def steps_remaining(self) -> np.ndarray:
+        """Host-side ``(B,)`` number of steps left in each env's episode (no device sync)."""
+        return self.core.num_steps - self.core.k_host
+
+    def state_dict(self) -> dict[str, Any]:
+        """The env's RNG, window and open episodes, for exact resumption (see :meth:`DenoiseCore.state_dict`)."""
+        rng = None if self._np_random is None else self._np_random.bit_generator.state
+        return {"core": self.core.state_dict(), "np_random": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.core.load_state_dict(state["core"])
+        if state["np_random"] is not None:
+            self._np_random, _ = gym.utils.seeding.np_random(0)
+            self._np_random.bit_generator.state = state["np_random"]
+
+    def observation(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The current observation and info, without stepping (e.g. after :meth:`load_state_dict`)."""
+        return self.core.observation(), self._info()
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

@@ -1,0 +1,1 @@
+"""Pieces shared by agents: the Gaussian UNet policy, rollout buffer, advantages, checkpoints."""

@@ -1,0 +1,116 @@
+"""A rollout buffer for denoising trajectories that stays on the device.
+
+One epoch collects several batches of episodes from the vector env. Each stochastic step
+``(x_k → x_{k+1})`` is a training pair; deterministic steps (σ = 0, e.g. the last DDIM step) are
+not actions and are not stored. Each pair points at its trajectory, whose advantage is computed
+from the final reward once the epoch is collected.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class TransitionBatch(NamedTuple):
+    """A minibatch of stored (sample, step) pairs (SB3-style named samples)."""
+
+    x: Tensor
+    """``x_k``, the state image."""
+    x_next: Tensor
+    """``x_{k+1}``, the action taken."""
+    k: Tensor
+    """Step index of the state."""
+    c: Tensor
+    """Condition."""
+    log_prob: Tensor
+    """``log π_old(x_next | x, k, c)`` at collection time (averaged over pixels)."""
+    advantages: Tensor
+    """Advantage of the pair's trajectory."""
+
+
+class RolloutBuffer:
+    """Transitions and trajectory outcomes of one epoch.
+
+    Args:
+        device: where everything is kept.
+    """
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self._steps: dict[str, list[Tensor]] = {name: [] for name in ("x", "x_next", "k", "c", "log_prob", "traj")}
+        self._traj: dict[str, list[Tensor]] = {name: [] for name in ("rewards", "groups", "conditions", "starts")}
+        self.num_trajectories = 0
+        self.advantages: Tensor | None = None
+
+    def start_batch(self, conditions: Tensor, groups: Tensor, starts: Tensor) -> Tensor:
+        """Register a new batch of trajectories; returns their ids ``(B,)``."""
+        n = conditions.shape[0]
+        ids = torch.arange(self.num_trajectories, self.num_trajectories + n, device=self.device)
+        self.num_trajectories += n
+        self._traj["groups"].append(groups.to(self.device))
+        self._traj["conditions"].append(conditions.to(self.device))
+        self._traj["starts"].append(starts.to(self.device))
+        return ids
+
+    def add(self, x: Tensor, x_next: Tensor, k: Tensor, c: Tensor, log_prob: Tensor, traj: Tensor) -> None:
+        """Store one step of a batch (``(B, …)`` tensors); call only for stochastic steps."""
+        for name, value in (("x", x), ("x_next", x_next), ("k", k), ("c", c), ("log_prob", log_prob), ("traj", traj)):
+            self._steps[name].append(value.detach().to(self.device))
+
+    def end_batch(self, rewards: Tensor) -> None:
+        """Record the final rewards ``(B,)`` of the batch's trajectories."""
+        self._traj["rewards"].append(rewards.detach().to(self.device).float())
+
+    def _cat(self, store: dict[str, list[Tensor]], name: str) -> Tensor:
+        return torch.cat(store[name]) if store[name] else torch.empty(0, device=self.device)
+
+    @property
+    def rewards(self) -> Tensor:
+        """``(M,)`` final rewards of all trajectories."""
+        return self._cat(self._traj, "rewards")
+
+    @property
+    def groups(self) -> Tensor:
+        """``(M,)`` reference ids (−1 for pure noise)."""
+        return self._cat(self._traj, "groups")
+
+    @property
+    def conditions(self) -> Tensor:
+        """``(M,)`` conditions."""
+        return self._cat(self._traj, "conditions")
+
+    @property
+    def start_steps(self) -> Tensor:
+        """``(M,)`` start step indices."""
+        return self._cat(self._traj, "starts")
+
+    def __len__(self) -> int:
+        return sum(t.shape[0] for t in self._steps["k"])
+
+    def set_advantages(self, advantages: Tensor) -> None:
+        """Per-trajectory advantages ``(M,)``."""
+        if advantages.shape != (self.num_trajectories,):
+            raise ValueError(f"need {self.num_trajectories} advantages, got shape {tuple(advantages.shape)}")
+        self.advantages = advantages.to(self.device).float()
+
+    def minibatches(self, order: Tensor, batch_size: int) -> list[TransitionBatch]:
+        """The pairs in ``order`` (a permutation of ``range(len(self))``), cut into minibatches."""
+        if self.advantages is None:
+            raise RuntimeError("set_advantages() before sampling minibatches")
+        flat = {name: self._cat(self._steps, name) for name in self._steps}
+        out = []
+        for idx in order.to(self.device).split(batch_size):
+            out.append(
+                TransitionBatch(
+                    x=flat["x"][idx],
+                    x_next=flat["x_next"][idx],
+                    k=flat["k"][idx],
+                    c=flat["c"][idx],
+                    log_prob=flat["log_prob"][idx],
+                    advantages=self.advantages[flat["traj"][idx]],
+                )
+            )
+        return out

@@ -1,0 +1,569 @@
+"""Atomic, verifiable training checkpoints: diffusers UNet + trainer state + extra safetensors weights.
+
+On-disk layout (one run directory, one writer)::
+
+    run_dir/
+      checkpoints/
+        latest                      # text file: the name of the newest checkpoint, e.g. "epoch-000012"
+        epoch-000011/
+        epoch-000012/
+          unet/                     # unet.save_pretrained(..., safe_serialization=True): diffusers format,
+            config.json             #   so UNet2DModel.from_pretrained(".../epoch-000012/unet") loads it
+            diffusion_pytorch_model.safetensors
+          trainer_state.pt          # torch.save(state): optimizer, lr schedule, RNG states, epoch, window and
+                                    #   stat-tracker state, config ... (whatever the trainer passes)
+          <name>.safetensors        # one per ``extra_weights`` entry (EMA weights, LoRA adapters, ...)
+          meta.json                 # written last: epoch, time, and every file above with its size and sha256
+        .tmp-epoch-000013-1a2b3c4d/ # only while a save is in progress (or left by a killed process)
+
+Atomicity guarantees:
+
+* A checkpoint is written into a temporary sibling directory ``.tmp-epoch-<epoch>-<random>``; every file is
+  fsynced, ``meta.json`` is written (and fsynced) last, then the directory is renamed into place with
+  ``os.replace`` and the parent directory is fsynced. A process killed at any moment therefore leaves either
+  no ``epoch-*`` directory for that epoch or a complete one, never a partial one.
+* Re-saving an existing epoch (e.g. after a resume) moves the old directory aside (to a ``.tmp-*`` name),
+  renames the new one in, then deletes the old one.
+* ``latest`` is updated only after the checkpoint is in place, via a temporary file + fsync + ``os.replace``.
+* Old checkpoints are pruned only after that, by renaming them to ``.tmp-*`` names before deleting them,
+  so a half-deleted directory never looks like a checkpoint.
+* Stale ``.tmp-*`` entries left by a killed process are removed at the start of the next save. A run
+  directory must therefore have a single writer at a time (one training process).
+* Readers (:func:`latest_checkpoint`) only accept *complete* checkpoints: ``meta.json`` parses and every
+  file it lists exists with the recorded size; :func:`load_checkpoint` also checks every sha256 and raises
+  :class:`CheckpointError` naming the corrupt or missing file.
+
+Resume is exact when the trainer stores :func:`capture_rng_state` (Python ``random``, NumPy's global
+generator, torch CPU and all CUDA generators) in ``state`` and calls :func:`restore_rng_state` on resume;
+generators the trainer owns (``torch.Generator``, ``numpy.random.Generator``) must be stored in ``state``
+by the trainer itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # importing diffusers takes seconds; only needed for the annotation
+    from diffusers import ModelMixin
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "Checkpoint",
+    "CheckpointError",
+    "capture_rng_state",
+    "checkpoint_name",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+META_FILE = "meta.json"
+STATE_FILE = "trainer_state.pt"
+UNET_DIR = "unet"
+TMP_PREFIX = ".tmp-"
+FORMAT_NAME = "diffusion-gym-checkpoint"
+FORMAT_VERSION = 1
+
+_EPOCH_RE = re.compile(r"epoch-(\d{6,})")
+_EXTRA_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_CHUNK = 1 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt."""
+
+
+class Checkpoint(NamedTuple):
+    """A loaded checkpoint.
+
+    Attributes:
+        path: The checkpoint directory (``.../checkpoints/epoch-000012``).
+        epoch: The epoch recorded in ``meta.json``.
+        unet_dir: Directory for ``UNet2DModel.from_pretrained`` (diffusers format).
+        state: The trainer state dict passed to :func:`save_checkpoint`.
+        extra_weights: ``{name: state_dict}`` for every ``extra_weights`` entry that was saved.
+    """
+
+    path: Path
+    epoch: int
+    unet_dir: Path
+    state: dict[str, Any]
+    extra_weights: dict[str, dict[str, Tensor]]
+
+
+def checkpoint_name(epoch: int) -> str:
+    """Directory name of the checkpoint for ``epoch``.
+
+    Args:
+        epoch: Non-negative epoch number.
+
+    Returns:
+        ``"epoch-{epoch:06d}"``.
+    """
+    return f"epoch-{epoch:06d}"
+
+
+# --------------------------------------------------------------------------------------------- filesystem helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    """Fsync a directory so renames inside it are durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _hash_and_fsync(path: Path) -> tuple[int, str]:
+    """Return ``(size, sha256)`` of a file and fsync it to disk."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())
+    return size, digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _new_tmp_path(root: Path, label: str) -> Path:
+    return root / f"{TMP_PREFIX}{label}-{secrets.token_hex(4)}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _delete_dir(root: Path, path: Path) -> None:
+    """Delete a directory so that a killed deletion never leaves something that looks like a checkpoint."""
+    doomed = _new_tmp_path(root, f"del-{path.name}")
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _clean_stale_tmp(root: Path) -> None:
+    """Remove ``.tmp-*`` entries left by a killed writer (one run directory has one writer)."""
+    for entry in root.iterdir():
+        if entry.name.startswith(TMP_PREFIX):
+            _remove(entry)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = _new_tmp_path(path.parent, path.name)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _epoch_of(name: str) -> int | None:
+    match = _EPOCH_RE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def _prepare_tensors(name: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detach, make contiguous, and un-share storage (safetensors refuses tensors that share memory)."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"extra_weights[{name!r}] must be a dict of tensors, got {type(tensors).__name__}")
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"extra_weights[{name!r}][{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+        tensor = value.detach()
+        ptr = tensor.untyped_storage().data_ptr()
+        if not tensor.is_contiguous() or (ptr in seen and tensor.numel() > 0):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        else:
+            seen.add(ptr)
+        out[str(key)] = tensor
+    return out
+
+
+def _prune(root: Path, current: str, keep: int) -> None:
+    """Keep ``current`` plus the ``keep - 1`` highest-epoch other complete checkpoints; delete the rest."""
+    others = sorted(
+        ((epoch, entry) for entry in root.iterdir() if (epoch := _epoch_of(entry.name)) is not None),
+        reverse=True,
+    )
+    kept = 1
+    for _, entry in others:
+        if entry.name == current:
+            continue
+        if kept < keep and _is_complete(entry):
+            kept += 1
+            continue
+        _delete_dir(root, entry)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    epoch: int,
+    unet: ModelMixin,
+    state: dict[str, Any],
+    keep: int = 2,
+    extra_weights: dict[str, dict[str, Tensor]] | None = None,
+    scheduler: Any | None = None,
+) -> Path:
+    """Atomically write ``run_dir/checkpoints/epoch-{epoch:06d}/`` and point ``checkpoints/latest`` at it.
+
+    See the module docstring for the layout and the guarantees. Stale ``.tmp-*`` entries from a killed
+    writer are removed first; after the new checkpoint is in place, all but the newest ``keep`` complete
+    checkpoints are deleted (the one just written is always kept, plus the ``keep - 1`` highest other epochs).
+    Incomplete ``epoch-*`` directories are deleted too.
+
+    Args:
+        run_dir: The run directory; checkpoints go into its ``checkpoints/`` subdirectory.
+        epoch: Non-negative epoch number (names the directory). Re-saving an existing epoch replaces it.
+        unet: A diffusers ``ModelMixin`` (e.g. ``UNet2DModel``); saved with
+            ``save_pretrained(..., safe_serialization=True)``. A ``torch.compile`` wrapper is unwrapped.
+        state: Trainer state, saved with ``torch.save`` (optimizer and lr-scheduler state dicts,
+            :func:`capture_rng_state`, epoch, window and stat-tracker state, config, ...).
+        keep: How many complete checkpoints to keep (at least 1).
+        extra_weights: ``{name: state_dict}`` saved as ``<name>.safetensors`` (EMA weights, LoRA adapters).
+            Names may use letters, digits, ``_``, ``.`` and ``-``.
+        scheduler: A diffusers scheduler; when given, it is saved in ``scheduler/`` with a
+            ``model_index.json``, so the checkpoint is a ``DDPMPipeline`` folder
+            (``DDPMPipeline.from_pretrained(ckpt)``, ``load_model(ckpt)``).
+
+    Returns:
+        The path of the new checkpoint directory.
+
+    Raises:
+        ValueError: ``epoch`` is negative, ``keep < 1``, or an ``extra_weights`` name is invalid.
+        TypeError: An ``extra_weights`` entry is not a dict of tensors.
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    extra_weights = dict(extra_weights or {})
+    for name in extra_weights:
+        if not isinstance(name, str) or not _EXTRA_NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid extra_weights name {name!r}: use letters, digits, '_', '.' and '-'")
+    unet = getattr(unet, "_orig_mod", unet)  # torch.compile wrapper
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(root)
+
+    name = checkpoint_name(epoch)
+    final = root / name
+    tmp = _new_tmp_path(root, name)
+    tmp.mkdir()
+    try:
+        unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+        if scheduler is not None:
+            scheduler.save_pretrained(tmp / "scheduler")
+            index = {
+                "_class_name": "DDPMPipeline",
+                "_diffusers_version": getattr(unet.config, "_diffusers_version", ""),
+                "unet": ["diffusers", type(unet).__name__],
+                "scheduler": ["diffusers", type(scheduler).__name__],
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        for extra_name, tensors in extra_weights.items():
+            safetensors.torch.save_file(_prepare_tensors(extra_name, tensors), str(tmp / f"{extra_name}.safetensors"))
+
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            size, sha = _hash_and_fsync(path)
+            files[path.relative_to(tmp).as_posix()] = {"size": size, "sha256": sha}
+        for directory in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+            _fsync_dir(directory)
+        now = time.time()
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "epoch": epoch,
+            "time": now,
+            "time_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "torch_version": torch.__version__,
+            "extra_weights": sorted(extra_weights),
+            "files": files,
+        }
+        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+
+        if final.exists():
+            old = _new_tmp_path(root, f"old-{name}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    _write_text_atomic(root / LATEST_FILE, name + "\n")
+    _prune(root, name, keep)
+    return final
+
+
+# --------------------------------------------------------------------------------------------- finding & loading
+
+
+def _read_meta(ckpt: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or not isinstance(meta.get("epoch"), int):
+        return None
+    return meta
+
+
+def _safe_relpath(rel: str) -> bool:
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
+def _is_complete(ckpt: Path) -> bool:
+    """``meta.json`` parses and every file it lists exists with the recorded size (no hashing)."""
+    meta = _read_meta(ckpt)
+    if meta is None or STATE_FILE not in meta["files"]:
+        return False
+    for rel, info in meta["files"].items():
+        if not _safe_relpath(rel) or not isinstance(info, dict):
+            return False
+        try:
+            if (ckpt / rel).stat().st_size != info.get("size"):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _checkpoints_root(path: Path) -> Path:
+    sub = path / CHECKPOINTS_DIR
+    return sub if sub.is_dir() else path
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return (path / META_FILE).is_file() or (_epoch_of(path.name) is not None and path.is_dir())
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """Find the newest complete checkpoint.
+
+    A checkpoint is complete when its ``meta.json`` parses and every file it lists exists with the
+    recorded size (checksums are only checked by :func:`load_checkpoint`). The one named by
+    ``checkpoints/latest`` is preferred if complete; otherwise the complete one with the highest epoch.
+    ``.tmp-*`` directories (saves in progress or killed) are ignored.
+
+    Args:
+        path: A run directory, its ``checkpoints/`` directory, or a checkpoint directory itself (returned
+            if complete).
+
+    Returns:
+        The checkpoint directory, or None if there is no complete checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if _is_checkpoint_dir(path):
+        return path if _is_complete(path) else None
+    root = _checkpoints_root(path)
+    try:
+        named = (root / LATEST_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    if _epoch_of(named) is not None and _is_complete(root / named):
+        return root / named
+    candidates = sorted(
+        ((epoch, entry) for entry in root.iterdir() if (epoch := _epoch_of(entry.name)) is not None),
+        reverse=True,
+    )
+    for _, entry in candidates:
+        if entry.is_dir() and _is_complete(entry):
+            return entry
+    return None
+
+
+def _verify(ckpt: Path, meta: dict[str, Any]) -> None:
+    """Check every file listed in ``meta.json``; raise :class:`CheckpointError` naming the first bad one."""
+    if STATE_FILE not in meta["files"]:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: meta.json does not list {STATE_FILE}")
+    for rel, info in meta["files"].items():
+        if not _safe_relpath(rel) or not isinstance(info, dict):
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: meta.json has an invalid entry {rel!r}")
+        file = ckpt / rel
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing file {rel}")
+        size = file.stat().st_size
+        if size != info.get("size"):
+            raise CheckpointError(
+                f"checkpoint {ckpt} is corrupt: {rel} has {size} bytes, meta.json records {info.get('size')}"
+            )
+        if _sha256(file) != info.get("sha256"):
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: sha256 mismatch for {rel}")
+    for name in meta.get("extra_weights", []):
+        if f"{name}.safetensors" not in meta["files"]:
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: meta.json does not list {name}.safetensors")
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
+    """Load and verify a checkpoint.
+
+    ``path`` is resolved with :func:`latest_checkpoint` (a run directory, its ``checkpoints/`` directory, or
+    a checkpoint directory). Every file listed in ``meta.json`` is checked against its size and sha256
+    before anything is deserialised. The UNet is not loaded: use
+    ``UNet2DModel.from_pretrained(ckpt.unet_dir)`` (or ``load_state_dict`` into an existing model).
+
+    ``trainer_state.pt`` is read with ``torch.load(weights_only=False)`` because the trainer state holds
+    plain Python objects the restricted unpickler rejects (NumPy RNG state, config objects, stat-tracker
+    buffers). This file is only ever one written by :func:`save_checkpoint` and its checksum is verified,
+    but a checksum is not a signature: do not load checkpoints from untrusted sources. Weights (UNet,
+    ``extra_weights``) are safetensors and never unpickled.
+
+    Args:
+        path: Run directory, ``checkpoints/`` directory, or checkpoint directory.
+        map_location: Device for the trainer-state tensors and the ``extra_weights`` tensors.
+
+    Returns:
+        The loaded :class:`Checkpoint`.
+
+    Raises:
+        CheckpointError: No complete checkpoint at ``path``, or a listed file is missing or corrupt (the
+            message names the file).
+    """
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        ckpt = path  # explicit checkpoint directory: verify it and report exactly what is wrong
+    else:
+        if path.is_dir() and _epoch_of(path.name) is not None:
+            raise CheckpointError(f"{path} is not a complete checkpoint: {META_FILE} is missing")
+        found = latest_checkpoint(path)
+        if found is None:
+            where = "does not exist" if not path.exists() else "contains no complete checkpoint"
+            raise CheckpointError(
+                f"no checkpoint found: {path} {where} (expected a run directory, its {CHECKPOINTS_DIR}/ "
+                f"directory, or a checkpoint directory with {META_FILE})"
+            )
+        ckpt = found
+    meta = _read_meta(ckpt)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: {META_FILE} is unreadable or malformed")
+    _verify(ckpt, meta)
+
+    # weights_only=False: our own, checksum-verified trainer state contains non-tensor Python objects.
+    state = torch.load(ckpt / STATE_FILE, map_location=map_location, weights_only=False)
+    extra = {
+        name: safetensors.torch.load_file(str(ckpt / f"{name}.safetensors"), device=map_location)
+        for name in meta.get("extra_weights", [])
+    }
+    return Checkpoint(path=ckpt, epoch=meta["epoch"], unet_dir=ckpt / UNET_DIR, state=state, extra_weights=extra)
+
+
+# --------------------------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot the global random number generators.
+
+    Returns:
+        ``{"python": ..., "numpy": ..., "torch": ByteTensor, "cuda": [ByteTensor, ...] | None}`` covering
+        Python's ``random``, NumPy's global generator, torch's CPU generator and every CUDA device's
+        generator (None when CUDA is unavailable). Store it in the trainer state.
+    """
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators captured by :func:`capture_rng_state` exactly.
+
+    Keys that are missing are left untouched. CUDA states are restored on as many devices as both the
+    snapshot and this machine have; a mismatch (or CUDA states without CUDA) only warns, since such a
+    resume cannot be bit-identical anyway.
+
+    Args:
+        state: The dict returned by :func:`capture_rng_state` (possibly after a ``torch.save`` /
+            ``torch.load`` round trip with any ``map_location``).
+    """
+    if state.get("python") is not None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if state.get("numpy") is not None:
+        np.random.set_state(state["numpy"])
+    if state.get("torch") is not None:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    cuda_states = state.get("cuda")
+    if cuda_states:
+        if not torch.cuda.is_available():
+            warnings.warn("checkpoint has CUDA RNG states but CUDA is not available; not restored", stacklevel=2)
+            return
+        count = torch.cuda.device_count()
+        if len(cuda_states) != count:
+            warnings.warn(
+                f"checkpoint has CUDA RNG states for {len(cuda_states)} devices, this machine has {count}",
+                stacklevel=2,
+            )
+        for device, rng in enumerate(list(cuda_states)[:count]):
+            torch.cuda.set_rng_state(torch.as_tensor(rng, dtype=torch.uint8).cpu(), device)
