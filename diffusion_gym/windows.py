@@ -235,6 +235,8 @@ class DynamicWindow(WindowStrategy):
         beta: weight of the diversity penalty (paper: 1.0).
         stride: candidate spacing in step indices (default 2).
         first: first candidate step index.
+        last: last candidate step index (default K − 1): bounds how late an episode may start, i.e.
+            guarantees at least ``K − last`` steps to train.
         paper_sign: use the literal paper difference instead (see above).
         batches_per_iteration: see :class:`WindowStrategy`; probes run once per iteration.
     """
@@ -246,10 +248,14 @@ class DynamicWindow(WindowStrategy):
         beta: float = 1.0,
         stride: int = 2,
         first: int = 0,
+        last: int | None = None,
         paper_sign: bool = False,
         batches_per_iteration: int = 1,
     ) -> None:
         super().__init__(batches_per_iteration)
+        if last is not None and (not isinstance(last, int) or last < first):
+            raise ValueError(f"last must be an int >= first ({first}), got {last!r}")
+        self.last = last
         if not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if not isinstance(stride, int) or stride < 1:
@@ -265,13 +271,16 @@ class DynamicWindow(WindowStrategy):
         """Check that the first candidate lies in the chain."""
         if self.first >= num_steps:
             raise ValueError(f"first candidate {self.first} is outside a chain of {num_steps} steps")
+        if self.last is not None and self.last >= num_steps:
+            raise ValueError(f"last candidate {self.last} is outside a chain of {num_steps} steps")
         super().bind(num_steps)
 
     @property
     def candidates(self) -> list[int]:
         """The candidate step indices."""
         assert self.num_steps is not None
-        return list(range(self.first, self.num_steps, self.stride))
+        last = self.num_steps - 1 if self.last is None else self.last
+        return list(range(self.first, last + 1, self.stride))
 
     def select(self, rewards: Sequence[float], distances: Sequence[float], reference_reward: float) -> int:
         """The objective: index into :attr:`candidates` of the best start step.
@@ -287,7 +296,13 @@ class DynamicWindow(WindowStrategy):
             gain = -gain
         d = np.asarray(distances, dtype=np.float64)
         score = _minmax(gain) - self.beta * _minmax(d)
-        self.last_scores = {"gain": gain.tolist(), "distance": d.tolist(), "score": score.tolist()}
+        self.last_scores = {
+            "reward": r[:-1].tolist(),
+            "reference_reward": float(r[-1]),
+            "gain": gain.tolist(),
+            "distance": d.tolist(),
+            "score": score.tolist(),
+        }
         return int(np.argmax(score))
 
     def _start_steps(self, n: int, rng: np.random.Generator, probe: Probe | None) -> np.ndarray:

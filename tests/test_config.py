@@ -154,7 +154,7 @@ def test_digits_values(method, reward):
         assert (config.env.window, config.env.window_kwargs, config.env.references) == ("full", {}, None)
     elif method == "hrf-d":
         assert config.env.window == "hrf-d" and config.env.references == "digits"
-        assert config.env.window_kwargs == {"beta": 1.0, "stride": 2, "batches_per_iteration": 2}
+        assert config.env.window_kwargs == {"beta": 1.0, "stride": 2, "last": 28, "batches_per_iteration": 2}
     else:
         assert config.env.window == method and config.env.references == "digits"
         assert config.env.window_kwargs == {"batches_per_iteration": 2}

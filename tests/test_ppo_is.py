@@ -102,3 +102,55 @@ def test_cli_train_then_sample_from_the_checkpoint(tmp_path, capsys):
     assert (tmp_path / "s.png").is_file()
     assert main(["train", "--set", "train.learning_rat=1"]) == 2
     assert "train.learning_rat" in capsys.readouterr().err
+
+
+def test_options_kl_ema_bf16_run_and_are_saved(tmp_path):
+    from agents.common.checkpoint import load_checkpoint
+
+    result = train(
+        _config("num_epochs=1", "train.kl_coef=0.1", "train.ema_decay=0.9", "mixed_precision=bf16"),
+        run_dir=tmp_path,
+        progress=False,
+    )
+    assert result.epochs[0].first_ratio_max_dev < 1e-2  # bf16 UNet, fp32 policy math
+    ckpt = load_checkpoint(tmp_path)
+    assert "ema" in ckpt.extra_weights and ckpt.state["config"]["train"]["kl_coef"] == 0.1
+    raw = UNet2DModel.from_pretrained(ckpt.unet_dir).state_dict()
+    key = "conv_in.weight"
+    assert not torch.equal(ckpt.extra_weights["ema"][key], raw[key])  # EMA lags the trained weights
+
+
+def test_killed_process_resumes_bit_identically(tmp_path):
+    """Train in a subprocess, SIGKILL it mid-run, resume here: same weights as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    straight = tmp_path / "straight"
+    train(_config("num_epochs=4"), run_dir=straight, progress=False)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "agents.cli", "train", "--run-dir", str(killed), "--no-progress"]
+    for override in [*TINY, "num_epochs=400"]:
+        cmd += ["--set", override]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            found = latest_checkpoint(killed) if (killed / "checkpoints").exists() else None
+            if found is not None and int(found.name.split("-")[1]) >= 1:
+                break
+            assert proc.poll() is None, "the training subprocess ended early"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # anywhere: mid-epoch or mid-checkpoint-write
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    resumed_from = latest_checkpoint(killed)
+    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < 4
+    train(_config("num_epochs=4"), run_dir=killed, resume=killed, progress=False)
+    a, b = _weights(straight), _weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -123,3 +123,12 @@ def test_hrf_d_large_beta_picks_the_smallest_distance_and_probes_once_per_iterat
     assert flipped.next_batch(1, rng, base)[0] == 6
     with pytest.raises(RuntimeError, match="probe"):
         _bound(DynamicWindow(), k_total).next_batch(1, rng, None)
+
+
+def test_hrf_d_candidate_range_is_bounded_by_first_and_last():
+    w = _bound(DynamicWindow(stride=3, first=2, last=9), 12)
+    assert w.candidates == [2, 5, 8]
+    with pytest.raises(ValueError, match="last"):
+        DynamicWindow(first=5, last=3)
+    with pytest.raises(ValueError, match="outside a chain"):
+        DynamicWindow(last=40).bind(40)

@@ -76,8 +76,20 @@ class TrainResult:
 
     run_dir: Path
     epochs: list[EpochStats] = field(default_factory=list)
-    base_eval_reward: float | None = None
-    final_eval_reward: float | None = None
+    base_eval: metrics.MeanStd | None = None
+    """Fixed-noise evaluation reward of the base model: mean and standard error."""
+    final_eval: metrics.MeanStd | None = None
+    """The same after the last evaluated epoch."""
+
+    @property
+    def base_eval_reward(self) -> float | None:
+        """Mean of :attr:`base_eval`."""
+        return None if self.base_eval is None else self.base_eval.mean
+
+    @property
+    def final_eval_reward(self) -> float | None:
+        """Mean of :attr:`final_eval`."""
+        return None if self.final_eval is None else self.final_eval.mean
 
 
 def _seed_everything(seed: int) -> None:
@@ -203,8 +215,11 @@ def evaluate_reward(
     config: Config,
     sample_shape: tuple[int, ...],
     num_classes: int | None,
-) -> tuple[float, torch.Tensor]:
-    """Mean reward of ``eval.num_samples`` images from fixed noise (paired across models), and the images."""
+) -> tuple[metrics.MeanStd, torch.Tensor]:
+    """Reward (mean, standard error) of ``eval.num_samples`` images from fixed noise, and the images.
+
+    The noise is the same for every model and epoch (``eval.seed``), so evaluations are paired.
+    """
     n = config.eval.num_samples
     conditions = torch.arange(n) % num_classes if num_classes else None
     images = sampling.generate(
@@ -213,7 +228,7 @@ def evaluate_reward(
     images = sampling.to_unit_range(images)
     c = conditions.to(config.device) if conditions is not None else None
     rewards = reward_fn(images, c)
-    return metrics.mean_and_standard_error(rewards.float().cpu()).mean, images
+    return metrics.mean_and_standard_error(rewards.float().cpu()), images
 
 
 def _save_grid(images: torch.Tensor, path: Path, num_classes: int | None) -> None:
@@ -297,15 +312,13 @@ def train(
         restore_rng_state(state["rng"])
         if ema is not None and "ema" in ckpt.extra_weights:
             ema.load_state_dict(ckpt.extra_weights["ema"])
-        result.base_eval_reward = state.get("base_eval_reward")
+        result.base_eval = metrics.MeanStd(*state["base_eval"]) if state.get("base_eval") else None
         start_epoch = ckpt.epoch + 1
     else:
         envs.reset(seed=config.seed)
-        result.base_eval_reward, images = evaluate_reward(
-            policy, envs.core.reward_fn, config, sample_shape, num_classes
-        )
+        result.base_eval, images = evaluate_reward(policy, envs.core.reward_fn, config, sample_shape, num_classes)
         writer.add_images("eval/samples", images, 0)
-        writer.add_scalar("eval/reward_mean", result.base_eval_reward, 0)
+        writer.add_scalar("eval/reward_mean", result.base_eval.mean, 0)
         _save_grid(images, run_dir / "samples" / "epoch-0000.png", num_classes)
 
     last = config.num_epochs if stop_after is None else min(config.num_epochs, start_epoch + stop_after)
@@ -350,13 +363,11 @@ def train(
         writer.add_histogram("window/start_step", np.asarray(stats.start_steps), step)
         writer.add_scalar("time/epoch_seconds", stats.seconds, step)
         if step % config.eval.every == 0 or step == config.num_epochs:
-            stats.eval_reward_mean, images = evaluate_reward(
-                policy, envs.core.reward_fn, config, sample_shape, num_classes
-            )
+            result.final_eval, images = evaluate_reward(policy, envs.core.reward_fn, config, sample_shape, num_classes)
+            stats.eval_reward_mean = result.final_eval.mean
             writer.add_scalar("eval/reward_mean", stats.eval_reward_mean, step)
             writer.add_images("eval/samples", images, step)
             _save_grid(images, run_dir / "samples" / f"epoch-{step:04d}.png", num_classes)
-            result.final_eval_reward = stats.eval_reward_mean
         result.epochs.append(stats)
         bar.set_postfix(reward=f"{stats.reward_mean:.3f}", kl=f"{stats.approx_kl:.2e}", start=stats.start_steps[0])
 
@@ -370,7 +381,7 @@ def train(
                 "generator": generator.get_state(),
                 "rng": capture_rng_state(),
                 "config": config.model_dump(mode="json"),
-                "base_eval_reward": result.base_eval_reward,
+                "base_eval": tuple(result.base_eval) if result.base_eval is not None else None,
             }
             extra = {"ema": ema.state_dict()} if ema is not None else None
             save_checkpoint(
