@@ -323,7 +323,35 @@ _ENV_DOC_ARGS = """
 """
 
 
-class DiffusionDenoiseEnv(gym.Env[dict[str, Any], np.ndarray]):
+class _CoreFrontEnd:
+    """What both front ends expose of their :class:`DenoiseCore`."""
+
+    core: DenoiseCore
+
+    @property
+    def window(self) -> WindowStrategy:
+        """The window strategy."""
+        return self.core.window
+
+    def set_window(self, window: WindowStrategy) -> None:
+        """Install another window strategy (see :class:`~diffusion_gym.windows.WindowWrapper`)."""
+        window.bind(self.core.num_steps)
+        self.core.window = window
+
+    def set_denoiser(self, denoiser: Denoiser | torch.nn.Module | None) -> None:
+        """See :meth:`DenoiseCore.set_denoiser`."""
+        self.core.set_denoiser(denoiser)
+
+    def _begin(self, rng: np.random.Generator, options: dict[str, Any] | None) -> None:
+        """Start episodes as ``reset`` does, after checking ``options``."""
+        options = dict(options or {})
+        unknown = set(options) - {"start_step", "condition"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; valid choices: ['condition', 'start_step']")
+        self.core.begin(rng, start_step=options.get("start_step"), condition=options.get("condition"))
+
+
+class DiffusionDenoiseEnv(_CoreFrontEnd, gym.Env[dict[str, Any], np.ndarray]):
     """Fine-tune a diffusion model's denoising chain with a reward on the final image.
 
     ## Description
@@ -374,20 +402,6 @@ class DiffusionDenoiseEnv(gym.Env[dict[str, Any], np.ndarray]):
         self.core = DenoiseCore(num_envs=1, **kwargs)
         self.observation_space, self.action_space = self.core.single_spaces()
 
-    @property
-    def window(self) -> WindowStrategy:
-        """The window strategy."""
-        return self.core.window
-
-    def set_window(self, window: WindowStrategy) -> None:
-        """Install another window strategy (see :class:`~diffusion_gym.windows.WindowWrapper`)."""
-        window.bind(self.core.num_steps)
-        self.core.window = window
-
-    def set_denoiser(self, denoiser: Denoiser | torch.nn.Module | None) -> None:
-        """See :meth:`DenoiseCore.set_denoiser`."""
-        self.core.set_denoiser(denoiser)
-
     def _obs(self) -> dict[str, Any]:
         obs = self.core.observation()
         return {
@@ -412,11 +426,7 @@ class DiffusionDenoiseEnv(gym.Env[dict[str, Any], np.ndarray]):
         super().reset(seed=seed)
         if seed is not None:
             self.core.restart()
-        options = dict(options or {})
-        unknown = set(options) - {"start_step", "condition"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; valid choices: ['condition', 'start_step']")
-        self.core.begin(self.np_random, start_step=options.get("start_step"), condition=options.get("condition"))
+        self._begin(self.np_random, options)
         return self._obs(), self._info()
 
     def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
@@ -448,7 +458,7 @@ class DiffusionDenoiseEnv(gym.Env[dict[str, Any], np.ndarray]):
         return _to_rgb(self.core.x[0])
 
 
-class DiffusionDenoiseVectorEnv(VectorEnv):
+class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
     """``num_envs`` denoising episodes as one batch of torch tensors (native vector env).
 
     Everything stays on ``device``: observations are dicts of tensors (``"c"``, ``"t"``: ``(B,)``
@@ -488,20 +498,6 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._np_random: np.random.Generator | None = None
 
-    @property
-    def window(self) -> WindowStrategy:
-        """The window strategy."""
-        return self.core.window
-
-    def set_window(self, window: WindowStrategy) -> None:
-        """Install another window strategy."""
-        window.bind(self.core.num_steps)
-        self.core.window = window
-
-    def set_denoiser(self, denoiser: Denoiser | torch.nn.Module | None) -> None:
-        """See :meth:`DenoiseCore.set_denoiser`."""
-        self.core.set_denoiser(denoiser)
-
     def _info(self) -> dict[str, Any]:
         core = self.core
         return {"start_step": core.k0.clone(), "step_index": core.k.clone(), "group": core.group.clone()}
@@ -533,11 +529,7 @@ class DiffusionDenoiseVectorEnv(VectorEnv):
         if seed is not None or self._np_random is None:
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
             self.core.restart()
-        options = dict(options or {})
-        unknown = set(options) - {"start_step", "condition"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; valid choices: ['condition', 'start_step']")
-        self.core.begin(self.np_random, start_step=options.get("start_step"), condition=options.get("condition"))
+        self._begin(self.np_random, options)
         return self.core.observation(), self._info()
 
     def step(self, actions: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, dict[str, Any]]:
