@@ -154,3 +154,20 @@ def test_killed_process_resumes_bit_identically(tmp_path):
     train(_config("num_epochs=4"), run_dir=killed, resume=killed, progress=False)
     a, b = _weights(straight), _weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_trains_adapters_only_exports_merged_weights_and_resumes_exactly(tmp_path):
+    from diffusion_gym.models import load_model
+
+    lora = ["train.lora_rank=4", "train.learning_rate=1e-3"]
+    result = train(_config("num_epochs=2", *lora), run_dir=tmp_path / "a", progress=False)
+    assert all(e.first_ratio_max_dev < 1e-4 for e in result.epochs)
+    base = load_model("embedded:digits").unet.state_dict()
+    merged = _weights(tmp_path / "a")  # a plain UNet2DModel in diffusers format, LoRA merged in
+    assert set(merged) == set(base)
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all(("conv" in k or "to_" in k) for k in changed)  # only adapted layers move
+    train(_config("num_epochs=2", *lora), run_dir=tmp_path / "b", progress=False, stop_after=1)
+    train(_config("num_epochs=2", *lora), run_dir=tmp_path / "b", resume=tmp_path / "b", progress=False)
+    resumed = _weights(tmp_path / "b")
+    assert all(torch.equal(merged[k], resumed[k]) for k in merged)

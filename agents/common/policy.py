@@ -8,6 +8,7 @@ recomputes log-probabilities of stored actions with gradients for the PPO-IS upd
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -15,6 +16,60 @@ from torch import Tensor, nn
 
 from diffusion_gym import sampling
 from diffusion_gym.sampling import DenoisingSchedule, StepIndex, StepOutput
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+"""UNet2DModel layers that get LoRA adapters: attention projections and the ResNet convolutions."""
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
+    """Freeze ``unet`` and inject LoRA adapters (peft) into :data:`LORA_TARGETS`, in place.
+
+    The adapters start at zero (``B = 0``), so the adapted UNet equals the base one until trained.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
+    )
+    return inject_adapter_in_model(config, unet)
+
+
+def has_lora(unet: nn.Module) -> bool:
+    """Whether ``unet`` carries peft LoRA layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights only (for checkpoints)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_lora_state_dict(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights written by :func:`lora_state_dict` into a LoRA-injected UNet."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"LoRA state does not fit this UNet: unexpected keys {result.unexpected_keys[:5]}")
+
+
+def merged_copy(unet: nn.Module) -> nn.Module:
+    """A plain copy of ``unet`` with any LoRA adapters merged into the base weights (diffusers format)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(unet)
+    layers = [(name, m) for name, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, module in layers:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = merged.get_submodule(parent_name) if parent_name else merged
+        setattr(parent, child, module.get_base_layer())
+    return merged.requires_grad_(False)
 
 
 class DiffusionPolicy(nn.Module):

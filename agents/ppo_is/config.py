@@ -82,15 +82,8 @@ class TrainConfig(_Section):
     stat_min_count: int = Field(16, ge=1, description="per-condition tracker: rewards needed before own stats")
     kl_coef: float = Field(0.0, ge=0, description="KL(π_θ ‖ π_ref) penalty weight (0: off)")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights for evaluation/saving (0: off)")
-    lora_rank: int = Field(0, ge=0, description="LoRA rank (0: full fine-tuning; LoRA is not implemented yet)")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning)")
     lora_alpha: float = Field(0.0, ge=0, description="LoRA alpha (0: = rank)")
-
-    @field_validator("lora_rank")
-    @classmethod
-    def _lora_not_yet(cls, value: int) -> int:
-        if value != 0:
-            raise ValueError("LoRA fine-tuning is not implemented yet; use 0 (full fine-tuning)")
-        return value
 
     @model_validator(mode="after")
     def _min_count_fits(self) -> TrainConfig:

@@ -45,7 +45,7 @@ from ..common.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from ..common.policy import DiffusionPolicy
+from ..common.policy import DiffusionPolicy, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
 from .config import Config, dump_config
 
 
@@ -277,6 +277,8 @@ def train(
     reference = None
     if config.train.kl_coef > 0:
         reference = DiffusionPolicy(copy.deepcopy(loaded.unet).requires_grad_(False), schedule, autocast)
+    if config.train.lora_rank > 0:
+        add_lora(policy.unet, config.train.lora_rank, config.train.lora_alpha or None)
     envs = _make_env(config, policy, loaded)
     t = config.train
     optimizer = torch.optim.AdamW(
@@ -301,8 +303,10 @@ def train(
         ckpt = load_checkpoint(latest_checkpoint(resume) or resume)
         from diffusers import UNet2DModel
 
-        weights = UNet2DModel.from_pretrained(ckpt.unet_dir).state_dict()
-        policy.unet.load_state_dict(weights)
+        if config.train.lora_rank > 0:  # the base weights come from config.model, the adapters from here
+            load_lora_state_dict(policy.unet, ckpt.extra_weights["lora"])
+        else:
+            policy.unet.load_state_dict(UNet2DModel.from_pretrained(ckpt.unet_dir).state_dict())
         state = ckpt.state
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
@@ -383,11 +387,13 @@ def train(
                 "config": config.model_dump(mode="json"),
                 "base_eval": tuple(result.base_eval) if result.base_eval is not None else None,
             }
-            extra = {"ema": ema.state_dict()} if ema is not None else None
+            extra = {"ema": ema.state_dict()} if ema is not None else {}
+            if config.train.lora_rank > 0:
+                extra["lora"] = lora_state_dict(policy.unet)
             save_checkpoint(
                 run_dir,
                 epoch,
-                policy.unet,
+                merged_copy(policy.unet) if config.train.lora_rank > 0 else policy.unet,
                 state,
                 keep=config.keep_checkpoints,
                 extra_weights=extra,
