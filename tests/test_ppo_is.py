@@ -76,13 +76,14 @@ def test_paper_configs_need_weights_and_say_so(tmp_path):
 
 
 def test_it_learns_jpeg_compressibility_on_fixed_noise(tmp_path):
-    """A short DDPO run raises the fixed-noise reward well beyond its standard error (~0.001 kB)."""
+    """The shipped HRF-D config, 12 epochs (as scripts/learning_check.py): the fixed-noise reward rises
+    far beyond its standard error (~0.0014 kB); measured +0.038 kB on the development machine."""
     config = load_config(
-        "envs_configs/digits_ddpo_jpeg_compressibility.yaml",
-        ["num_epochs=10", "sample.num_steps=20", "eval.every=10", "save_every=10", "train.clip_range=0.05"],
+        "envs_configs/digits_hrf-d_jpeg_compressibility.yaml", ["num_epochs=12", "eval.every=12", "save_every=12"]
     )
     result = train(config, run_dir=tmp_path, progress=False)
-    assert result.final_eval_reward - result.base_eval_reward > 0.005
+    gain = result.final_eval_reward - result.base_eval_reward
+    assert gain > 0.01, f"fixed-noise reward moved by {gain:+.4f} kB only"
 
 
 def test_cli_train_then_sample_from_the_checkpoint(tmp_path, capsys):
