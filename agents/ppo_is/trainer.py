@@ -20,7 +20,6 @@ Per epoch (= one HRF iteration):
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from collections.abc import Callable
@@ -159,25 +158,30 @@ def update(
     generator: torch.Generator,
     reference: DiffusionPolicy | None = None,
 ) -> dict[str, float]:
-    """The PPO-IS update over the buffer; returns the logged statistics."""
+    """The PPO-IS update over the buffer; returns the logged statistics.
+
+    Statistics stay on the device until the end; the only host sync per optimizer step is the
+    finiteness check of the chunk's loss and gradient norm, made before the step.
+    """
     t = config.train
     params = list(policy.trainable_parameters())
     n = len(buffer)
-    stats = {"loss": [], "approx_kl": [], "clipfrac": [], "kl_ref": []}
-    first_dev = float("nan")
+    stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl_ref": []}
+    first_dev: torch.Tensor | None = None
     policy.train()
-    for inner in range(t.num_inner_epochs):
+    for _ in range(t.num_inner_epochs):
         order = torch.randperm(n, generator=generator)
         for chunk in order.tensor_split(t.gradient_updates_per_epoch):
             if chunk.numel() == 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
+            chunk_loss = torch.zeros((), device=buffer.device)
             for mb in buffer.minibatches(chunk, t.batch_size):
                 out = policy.evaluate(mb.x, mb.k, mb.c if policy.conditional else None, mb.x_next)
                 log_ratio = out.log_prob - mb.log_prob
                 ratio = torch.exp(log_ratio)
-                if inner == 0 and math.isnan(first_dev):
-                    first_dev = (ratio.detach() - 1).abs().max().item()
+                if first_dev is None:  # the first micro-batch after the rollout: ratio should be 1
+                    first_dev = (ratio.detach() - 1).abs().max()
                 adv = mb.advantages
                 unclipped = -adv * ratio
                 clipped = -adv * torch.clamp(ratio, 1.0 - t.clip_range, 1.0 + t.clip_range)
@@ -187,24 +191,24 @@ def update(
                         ref = reference.evaluate(mb.x, mb.k, mb.c if reference.conditional else None, mb.x_next)
                     kl = _kl_to_reference(out.mean, ref.mean, out.std)
                     loss_per = loss_per + t.kl_coef * kl
-                    stats["kl_ref"].append(kl.mean().item())
+                    stats["kl_ref"].append(kl.detach().mean())
                 loss = loss_per.sum() / chunk.numel()
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"the PPO-IS loss is {loss.item()} (NaN/Inf): stopping before the optimizer step; "
-                        "no weights or checkpoints were changed. Lower train.learning_rate or check the reward."
-                    )
                 loss.backward()
-                stats["loss"].append(loss.item() * chunk.numel() / len(mb.k))
-                stats["approx_kl"].append(0.5 * (log_ratio.detach() ** 2).mean().item())
-                stats["clipfrac"].append(((ratio.detach() - 1).abs() > t.clip_range).float().mean().item())
+                chunk_loss = chunk_loss + loss.detach()
+                stats["loss"].append(loss_per.detach().mean())
+                stats["approx_kl"].append(0.5 * (log_ratio.detach() ** 2).mean())
+                stats["clipfrac"].append(((ratio.detach() - 1).abs() > t.clip_range).float().mean())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise TrainingDivergedError(f"gradient norm is {grad_norm.item()}: stopping before the optimizer step")
+            if not bool(torch.isfinite(chunk_loss) & torch.isfinite(grad_norm)):
+                raise TrainingDivergedError(
+                    f"the PPO-IS loss is {chunk_loss.item()} and the gradient norm {grad_norm.item()} (NaN/Inf): "
+                    "stopping before the optimizer step; no weights or checkpoints were changed. "
+                    "Lower train.learning_rate or check the reward."
+                )
             optimizer.step()
     policy.eval()
-    out = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
-    out["first_ratio_max_dev"] = first_dev
+    out = {k: torch.stack(v).mean().item() if v else 0.0 for k, v in stats.items()}
+    out["first_ratio_max_dev"] = float("nan") if first_dev is None else first_dev.item()
     return out
 
 
