@@ -22,7 +22,8 @@ Registered rewards
     differentiable; the images of a batch are encoded on a thread pool.
 ``laion_aesthetic``
     The LAION aesthetic predictor ("sac+logos+ava1-l14-linearMSE"): a linear MLP on the
-    L2-normalised OpenAI CLIP ViT-L/14 image embedding (:class:`LaionAestheticScorer`).
+    L2-normalised OpenAI CLIP ViT-L/14 image embedding (:class:`LaionAestheticScorer`, a
+    :class:`ClipImageEncoder` with the MLP on top; the encoder alone also serves the Vendi score).
     Differentiable with respect to the images. Weights come from the local Hugging Face cache or a
     path, never from the network; ``random_init=True`` gives random weights of the real shapes.
 ``digit_confidence``
@@ -55,6 +56,7 @@ __all__ = [
     "CLIP_WEIGHTS_ENV",
     "AestheticMLP",
     "CheckedReward",
+    "ClipImageEncoder",
     "LaionAestheticScorer",
     "RewardFn",
     "available_rewards",
@@ -522,43 +524,40 @@ def _build_clip_visual(checkpoint: str | None, quick_gelu: bool) -> nn.Module:
     return model.visual
 
 
-class LaionAestheticScorer(nn.Module):
-    """LAION aesthetic score of images in ``[0, 1]``: CLIP ViT-L/14 embedding → linear MLP.
+class ClipImageEncoder(nn.Module):
+    """OpenAI CLIP ViT-L/14 image embeddings of images in ``[0, 1]``, with CLIP's preprocessing in torch.
 
-    The pipeline (all in torch, so differentiable with respect to the images): grey images are
-    repeated to 3 channels; the shorter side is resized to 224 (bicubic, antialiased) and the centre
-    224×224 cropped; pixels are clamped to ``[0, 1]`` and normalised with CLIP's mean/std; open_clip's
-    ViT-L-14 image tower embeds them; the embedding is L2-normalised (in float32) and scored by
-    :class:`AestheticMLP`. Unlike ddpo-pytorch the images are not quantised to uint8 first and the
-    resize is torch's, not PIL's, so scores differ from it slightly.
+    The pipeline (differentiable with respect to the images): grey images are repeated to 3 channels;
+    the shorter side is resized to 224 (bicubic, antialiased) and the centre 224×224 cropped; pixels
+    are clamped to ``[0, 1]`` and normalised with CLIP's mean/std; open_clip's ViT-L-14 image tower
+    embeds them. :meth:`embed` (also :meth:`features` and the module's call) returns the unnormalised
+    ``(B, 768)`` embeddings in float32, so the encoder can stand in wherever a
+    :class:`~diffusion_gym.digits.DigitClassifier`'s ``features`` are used (e.g. the Vendi score on
+    embeddings, whose cosine kernel normalises them). It has no classification head.
 
     The model is frozen (``requires_grad`` off, eval mode); gradients still reach the input images.
-    Weights are never downloaded: see ``clip_weights`` / ``mlp_weights``.
+    Weights are never downloaded: see ``clip_weights``.
 
     Args:
         clip_weights: path to an open_clip ViT-L-14 checkpoint with OpenAI's weights. ``None``: the
             file named by ``$DIFFUSION_GYM_CLIP_WEIGHTS``, else open_clip's ``'openai'`` ViT-L-14
             weights in the local Hugging Face cache (see :func:`clip_hub_files`).
-        mlp_weights: path to ``sac+logos+ava1-l14-linearMSE.pth``. ``None``: the file named by
-            ``$DIFFUSION_GYM_AESTHETIC_MLP``, else a copy in the local Hugging Face cache (see
-            ``AESTHETIC_MLP_HUB_FILES``).
-        random_init: random weights of the real shapes (seeded by torch's global RNG); no files are
+        random_init: random weights of the real shapes (seeded by torch's global RNG); no file is
             needed. For tests and benchmarks.
         device: where to put the model.
-        dtype: parameter dtype of the CLIP tower (the MLP stays float32).
+        dtype: parameter dtype of the CLIP tower (embeddings are returned in float32).
         cache_dir: the Hugging Face hub cache to look in (default: ``$HF_HUB_CACHE`` /
             ``$HF_HOME/hub`` / ``~/.cache/huggingface/hub``).
         quick_gelu: use QuickGELU in the tower, as OpenAI's CLIP was trained with.
 
     Raises:
-        MissingWeightsError: when a weights file cannot be found locally; the message names the file,
-            where it was looked for and how to provide it.
+        MissingWeightsError: when the CLIP weights cannot be found locally; the message names the
+            file, where it was looked for and how to provide it.
     """
 
     def __init__(
         self,
         clip_weights: str | os.PathLike[str] | None = None,
-        mlp_weights: str | os.PathLike[str] | None = None,
         *,
         random_init: bool = False,
         device: str | torch.device = "cpu",
@@ -570,21 +569,14 @@ class LaionAestheticScorer(nn.Module):
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
         clip_path: str | None = None
-        mlp_path: str | None = None
         if not random_init:
-            cache = _hf_cache_dir(cache_dir)
-            clip_path, clip_missing = _resolve_clip_weights(clip_weights, cache)
-            mlp_path, mlp_missing = _resolve_mlp_weights(mlp_weights, cache)
-            missing = [m for m in (clip_missing, mlp_missing) if m]
-            if missing:
+            clip_path, clip_missing = _resolve_clip_weights(clip_weights, _hf_cache_dir(cache_dir))
+            if clip_missing:
                 raise MissingWeightsError(
-                    "Weights of the laion_aesthetic reward are missing (they are never downloaded at run "
-                    "time):\n" + "\n".join(missing) + "\nFor tests and benchmarks, random_init=True needs no files."
+                    "Weights of the CLIP ViT-L-14 image encoder are missing (they are never downloaded at run "
+                    f"time):\n{clip_missing}\nFor tests and benchmarks, random_init=True needs no files."
                 )
         self.visual = _build_clip_visual(clip_path, quick_gelu)
-        self.mlp = AestheticMLP()
-        if mlp_path is not None:
-            self.mlp.load_state_dict(_load_mlp_state(mlp_path), strict=True)
         self.register_buffer("mean", torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
         self.image_size = CLIP_IMAGE_SIZE
@@ -593,14 +585,14 @@ class LaionAestheticScorer(nn.Module):
         self.to(device=device)
         self.visual.to(dtype=dtype)
 
-    def train(self, mode: bool = True) -> LaionAestheticScorer:
-        """Keep the scorer in eval mode (dropout off); ``train(True)`` is ignored."""
+    def train(self, mode: bool = True) -> ClipImageEncoder:
+        """Keep the model in eval mode (dropout off); ``train(True)`` is ignored."""
         return super().train(False)
 
     @property
     def device(self) -> torch.device:
-        """Device of the model's parameters."""
-        return self.mlp.layers[0].weight.device
+        """Device of the model."""
+        return self.mean.device
 
     @property
     def clip_dtype(self) -> torch.dtype:
@@ -614,7 +606,7 @@ class LaionAestheticScorer(nn.Module):
             images: images in ``[0, 1]``, grey or RGB, any size.
 
         Returns:
-            Normalised float32 pixels on the scorer's device.
+            Normalised float32 pixels on the model's device.
 
         Raises:
             ValueError: for a shape other than ``(B, 1 or 3, H, W)``.
@@ -638,6 +630,81 @@ class LaionAestheticScorer(nn.Module):
         """Unnormalised CLIP image embeddings ``(B, 768)`` (float32) of images in ``[0, 1]``."""
         pixels = self.preprocess(images).to(self.clip_dtype)
         return self.visual(pixels).float()
+
+    def features(self, images: Tensor) -> Tensor:
+        """The same as :meth:`embed`: unnormalised ``(B, 768)`` float32 embeddings of images in ``[0, 1]``."""
+        return self.embed(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The same as :meth:`embed`: unnormalised ``(B, 768)`` float32 embeddings of images in ``[0, 1]``."""
+        return self.embed(images)
+
+
+class LaionAestheticScorer(ClipImageEncoder):
+    """LAION aesthetic score of images in ``[0, 1]``: CLIP ViT-L/14 embedding → linear MLP.
+
+    A :class:`ClipImageEncoder` (its preprocessing and :meth:`embed`) whose embedding is
+    L2-normalised (in float32) and scored by :class:`AestheticMLP`; calling the scorer returns the
+    scores (``features`` / ``embed`` still return the embeddings). All in torch, so differentiable
+    with respect to the images. Unlike ddpo-pytorch the images are not quantised to uint8 first and
+    the resize is torch's, not PIL's, so scores differ from it slightly.
+
+    The model is frozen (``requires_grad`` off, eval mode); gradients still reach the input images.
+    Weights are never downloaded: see ``clip_weights`` / ``mlp_weights``.
+
+    Args:
+        clip_weights: path to an open_clip ViT-L-14 checkpoint with OpenAI's weights. ``None``: the
+            file named by ``$DIFFUSION_GYM_CLIP_WEIGHTS``, else open_clip's ``'openai'`` ViT-L-14
+            weights in the local Hugging Face cache (see :func:`clip_hub_files`).
+        mlp_weights: path to ``sac+logos+ava1-l14-linearMSE.pth``. ``None``: the file named by
+            ``$DIFFUSION_GYM_AESTHETIC_MLP``, else a copy in the local Hugging Face cache (see
+            ``AESTHETIC_MLP_HUB_FILES``).
+        random_init: random weights of the real shapes (seeded by torch's global RNG); no files are
+            needed. For tests and benchmarks.
+        device: where to put the model.
+        dtype: parameter dtype of the CLIP tower (the MLP stays float32).
+        cache_dir: the Hugging Face hub cache to look in (default: ``$HF_HUB_CACHE`` /
+            ``$HF_HOME/hub`` / ``~/.cache/huggingface/hub``).
+        quick_gelu: use QuickGELU in the tower, as OpenAI's CLIP was trained with.
+
+    Raises:
+        MissingWeightsError: when a weights file cannot be found locally; the message names every
+            missing file, where it was looked for and how to provide it.
+    """
+
+    def __init__(
+        self,
+        clip_weights: str | os.PathLike[str] | None = None,
+        mlp_weights: str | os.PathLike[str] | None = None,
+        *,
+        random_init: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_dir: str | os.PathLike[str] | None = None,
+        quick_gelu: bool = True,
+    ) -> None:
+        clip_path: str | None = None
+        mlp_path: str | None = None
+        if not random_init:
+            # Both files are resolved before anything is built, so one error lists all that is missing.
+            cache = _hf_cache_dir(cache_dir)
+            clip_path, clip_missing = _resolve_clip_weights(clip_weights, cache)
+            mlp_path, mlp_missing = _resolve_mlp_weights(mlp_weights, cache)
+            missing = [m for m in (clip_missing, mlp_missing) if m]
+            if missing:
+                raise MissingWeightsError(
+                    "Weights of the laion_aesthetic reward are missing (they are never downloaded at run "
+                    "time):\n" + "\n".join(missing) + "\nFor tests and benchmarks, random_init=True needs no files."
+                )
+        super().__init__(
+            clip_path, random_init=random_init, device=device, dtype=dtype, cache_dir=cache_dir, quick_gelu=quick_gelu
+        )
+        self.mlp = AestheticMLP()
+        if mlp_path is not None:
+            self.mlp.load_state_dict(_load_mlp_state(mlp_path), strict=True)
+        self.mlp.requires_grad_(False)
+        self.mlp.eval()
+        self.mlp.to(device=device)
 
     def score_embeddings(self, embeddings: Tensor) -> Tensor:
         """Aesthetic scores ``(B,)`` of CLIP embeddings, which are L2-normalised first.
