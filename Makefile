@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install embedded clean
+.PHONY: demo test lint install embedded paper clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ embedded: $(STAMP)
 	$(BIN)/python scripts/train_digits_classifier.py
 	$(BIN)/python scripts/train_digits_ddpm.py
 	$(BIN)/python scripts/evaluate_embedded.py
+
+# The paper's experiment on the embedded model: 5 methods x 2 rewards x 3 seeds, evaluation, report
+# (docs/results/paper_digits/). Target <= 60 minutes on 2 CPU cores; finished runs are skipped on re-runs.
+paper: $(STAMP)
+	DIFFUSION_GYM_MAKE_PAPER=1 $(BIN)/diffusion-gym paper --config envs_configs/paper_digits.yaml
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

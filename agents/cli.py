@@ -1,10 +1,11 @@
 """The ``diffusion-gym`` command line.
 
 Subcommands:
-    train    PPO-IS (DDPO-IS / HRF / HRF-D) from a YAML config in envs_configs/.
-    sample   draw a PNG grid of images from a model or a training checkpoint.
-
-Later subcommands (evaluate, report) plug in here with ``_add_<name>(subparsers)``.
+    train     PPO-IS (DDPO-IS / HRF / HRF-D) from a YAML config in envs_configs/.
+    sample    draw a PNG grid of images from a model or a training checkpoint.
+    evaluate  reward ± SE, Inception Score and Vendi scores of models, all from the same noise (JSON).
+    report    the paper's tables and plots from evaluation JSON files (Markdown + PNG).
+    paper     the whole experiment: train every method × reward × seed, evaluate, report.
 """
 
 from __future__ import annotations
@@ -145,6 +146,120 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    from .evaluation import EvalSettings
+
+    d = EvalSettings()
+    p = subparsers.add_parser(
+        "evaluate", help="score models on the same evaluation noise: reward ± SE, IS, Vendi (one JSON per model)"
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="model specs (embedded:digits, a hub id, a diffusers folder) or training runs / checkpoints; "
+        "NAME=SPEC sets the file name and label",
+    )
+    p.add_argument("--out", default="eval", help="directory for <name>.json (+ .npz arrays) (default eval/)")
+    p.add_argument("--n", type=int, default=d.num_samples, help=f"samples per model (default {d.num_samples})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the shared evaluation noise (default {d.seed})")
+    p.add_argument("--steps", type=int, default=d.num_steps, help=f"DDIM steps (default {d.num_steps})")
+    p.add_argument("--eta", type=float, default=d.eta, help=f"DDIM eta (default {d.eta})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--reward", dest="rewards", action="append", default=None, help="reward (repeatable; default: both JPEG)"
+    )
+    p.add_argument(
+        "--metric-nets",
+        default=d.metric_nets,
+        help="digits (embedded classifier), inception (InceptionV3 + CLIP, weights from cache or the flags below) "
+        "or auto (digits for 16x16 grey models)",
+    )
+    p.add_argument("--inception-weights", default=None, metavar="FILE", help="inception_v3_google-0cc3c7bd.pth")
+    p.add_argument("--clip-weights", default=None, metavar="FILE", help="open_clip ViT-L-14 'openai' checkpoint")
+    p.add_argument("--method", default=None, help="method name recorded for the report (e.g. ddpo, hrf-early, base)")
+    p.add_argument("--task", default=None, help="the reward the models were fine-tuned on, for the report")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from diffusion_gym.feature_nets import load_metric_nets
+
+    from .evaluation import EvalSettings, evaluate_model, resolve_model_spec, write_evaluation
+
+    settings = EvalSettings(
+        num_samples=args.n,
+        seed=args.seed,
+        num_steps=args.steps,
+        eta=args.eta,
+        batch_size=args.batch_size,
+        metric_nets=args.metric_nets,
+        rewards=args.rewards or EvalSettings().rewards,
+        device=args.device,
+    )
+    settings.check()
+    first = load_model(resolve_model_spec(args.models[0].split("=", 1)[-1]), device=args.device).unet
+    shape = (first.config.in_channels, first.config.sample_size, first.config.sample_size)
+    nets = load_metric_nets(
+        args.metric_nets,
+        image_shape=shape,
+        inception_weights=args.inception_weights,
+        clip_weights=args.clip_weights,
+        device=args.device,
+    )
+    for item in args.models:
+        name, _, spec = item.rpartition("=")
+        name = name or Path(spec.rstrip("/")).name.replace(":", "_")
+        meta = {k: v for k, v in (("method", args.method or name), ("task", args.task)) if v is not None}
+        start = time.perf_counter()
+        result, arrays = evaluate_model(spec, settings, label=name, meta=meta, metric_nets=nets)
+        path = write_evaluation(result, arrays, Path(args.out) / f"{name}.json")
+        rewards = ", ".join(f"{k} {v['mean']:.4f} ± {v['se']:.4f}" for k, v in result["rewards"].items())
+        print(
+            f"{name}: {rewards}; IS {result['inception_score']['mean']:.3f}; Vendi pixels {result['vendi_pixel']:.3f}, "
+            f"embeddings {result['vendi_embedding']['value']:.3f} ({time.perf_counter() - start:.0f} s) -> {path}"
+        )
+    return 0
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("report", help="Markdown tables and plots (paper Tables 1-3, Fig. 5) from evaluations")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="evaluation JSON files or directories of them")
+    p.add_argument("--out", default="report", help="output directory (report.md + PNG figures)")
+    p.add_argument("--title", default="Evaluation report")
+    p.add_argument("--injection", action="append", default=[], metavar="JSON", help="injection-sampling JSON")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from .report import write_report
+
+    injections = {}
+    for item in args.injection:
+        data = json.loads(Path(item).read_text())
+        injections[data.get("task", Path(item).stem)] = data
+    path = write_report(args.inputs, args.out, title=args.title, injections=injections or None)
+    print(f"wrote {path.resolve()}")
+    return 0
+
+
+def _add_paper(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("paper", help="the paper's experiment: train methods x rewards x seeds, evaluate, report")
+    p.add_argument("--config", default="envs_configs/paper_digits.yaml", help="study YAML (default: the digits study)")
+    p.add_argument("--stages", default="all", help="all, or a comma list of train,evaluate,injection,report")
+    p.set_defaults(func=_run_paper)
+
+
+def _run_paper(args: argparse.Namespace) -> int:
+    from .paper import run_study
+
+    run_study(args.config, args.stages)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffusion-gym`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -155,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(subparsers)
     _add_sample(subparsers)
+    _add_evaluate(subparsers)
+    _add_report(subparsers)
+    _add_paper(subparsers)
     return parser
 
 

@@ -1,0 +1,289 @@
+"""Evaluate models the way the HRF paper does: reward mean ± SE, Inception Score, Vendi scores.
+
+Every model is sampled from **the same initial noise** (``initial_noise(seed)``, drawn on the CPU)
+and the same conditions, so sample ``i`` of the base model and of every fine-tuned model start
+from the same ``x_K``: the comparisons are paired, as the paper's "same initial noise" protocol.
+
+:func:`evaluate_model` returns a JSON-ready dict (written by ``diffusion-gym evaluate``) and the
+per-sample arrays (rewards, embeddings) the report's projection plot uses; :func:`injection_study`
+is the paper's Appendix A.1 experiment (switch from the fine-tuned to the base model mid-chain).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusion_gym import metrics, sampling
+from diffusion_gym.models import LoadedModel, load_model
+from diffusion_gym.rewards import make_reward
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EvalSettings:
+    """How models are sampled and scored (identical for every model of a comparison)."""
+
+    num_samples: int = 500
+    """Images per model (the paper: 2,142 on GPU)."""
+    seed: int = 2024
+    """Seed of the initial and policy noise: the same for every model (paired samples)."""
+    num_steps: int = 40
+    """DDIM steps K."""
+    eta: float = 1.0
+    """DDIM eta (1.0: the stochastic policy the models were trained as)."""
+    scheduler: str = "ddim"
+    """Sampling scheduler: ddim or ddpm."""
+    batch_size: int = 250
+    """Images per sampling chain."""
+    pixel_size: int = 32
+    """Side the images are resized to for the pixel Vendi score."""
+    is_splits: int = 10
+    """Inception Score splits (torch-fidelity: 10)."""
+    metric_nets: str = "auto"
+    """``digits`` (embedded classifier), ``inception`` (InceptionV3 + CLIP) or ``auto`` (by image shape)."""
+    rewards: list[str] = field(default_factory=lambda: ["jpeg_compressibility", "jpeg_incompressibility"])
+    """Rewards computed on every sample."""
+    device: str = "cpu"
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming a bad value."""
+        if self.num_samples < self.is_splits:
+            raise ValueError(
+                f"num_samples must be >= is_splits={self.is_splits} (Inception Score splits), got {self.num_samples}"
+            )
+        if self.batch_size < 1 or self.num_steps < 1:
+            raise ValueError(f"batch_size and num_steps must be >= 1, got {self.batch_size} and {self.num_steps}")
+        if not self.rewards:
+            raise ValueError("rewards must name at least one reward")
+
+
+def resolve_model_spec(spec: str | os.PathLike[str]) -> str:
+    """A model spec for :func:`load_model`: a training run directory or checkpoint becomes its latest checkpoint."""
+    from .common.checkpoint import latest_checkpoint
+
+    path = Path(spec)
+    if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"no complete checkpoint found in {path}")
+        return str(found)
+    return str(spec)
+
+
+def _noise_digest(x: Tensor) -> str:
+    return hashlib.sha256(x.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _conditions(loaded: LoadedModel, n: int) -> Tensor | None:
+    num_classes = getattr(loaded.unet.config, "num_class_embeds", None)
+    return None if num_classes is None else torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def sample_paired(
+    loaded: LoadedModel, settings: EvalSettings, n: int | None = None
+) -> tuple[Tensor, Tensor | None, str]:
+    """``n`` images in ``[0, 1]`` from the evaluation noise, their conditions, and a digest of sample 0's noise.
+
+    The digest is taken from what the network actually receives at the first step, so two models
+    with equal digests provably started sample 0 from the same ``x_K``.
+    """
+    n = settings.num_samples if n is None else n
+    unet = loaded.unet
+    schedule = sampling.make_schedule(loaded.scheduler, settings.num_steps, eta=settings.eta, device=settings.device)
+    base = sampling.unet_denoiser(unet)
+    seen: dict[str, str] = {}
+
+    def recording(x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
+        if "first" not in seen:
+            seen["first"] = _noise_digest(x[0])
+        return base(x, t, c)
+
+    conditions = _conditions(loaded, n)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x = sampling.generate(
+        recording,
+        schedule,
+        n,
+        shape,
+        conditions,
+        seed=settings.seed,
+        device=settings.device,
+        batch_size=settings.batch_size,
+    )
+    return sampling.to_unit_range(x).cpu(), conditions, seen["first"]
+
+
+def evaluate_model(
+    model: str | os.PathLike[str],
+    settings: EvalSettings | None = None,
+    *,
+    label: str | None = None,
+    meta: dict[str, Any] | None = None,
+    metric_nets: Any = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Sample a model from the evaluation noise and score it.
+
+    Args:
+        model: a model spec (``embedded:digits``, hub id, diffusers folder) or a training run / checkpoint.
+        settings: sampling and metric settings (defaults: :class:`EvalSettings`).
+        label: a name for tables (default: the spec).
+        meta: extra fields copied into the result (method, trained reward, seed…).
+        metric_nets: a ``MetricNets`` (classifier for IS + embedder for Vendi); default: loaded per
+            ``settings.metric_nets``.
+
+    Returns:
+        ``(result, arrays)``: the JSON-ready metrics and per-sample arrays (``rewards_<name>``,
+        ``embeddings``, ``conditions``, ``predicted``).
+    """
+    from diffusion_gym.feature_nets import load_metric_nets
+
+    settings = settings or EvalSettings()
+    settings.check()
+    spec = resolve_model_spec(model)
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    loaded = load_model(spec, scheduler=settings.scheduler, device=settings.device)
+    images, conditions, digest = sample_paired(loaded, settings)
+    timings["sampling"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    result: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "label": label or str(model),
+        "model": str(model),
+        "resolved": spec,
+        **(meta or {}),
+        "settings": asdict(settings),
+        "initial_noise_digest": digest,
+        "rewards": {},
+    }
+    arrays: dict[str, np.ndarray] = {}
+    c = None if conditions is None else conditions
+    for name in settings.rewards:
+        values = make_reward(name)(images, c).float().cpu()
+        stat = metrics.mean_and_standard_error(values)
+        result["rewards"][name] = {"mean": stat.mean, "se": stat.std}
+        arrays[f"rewards_{name}"] = values.numpy()
+    timings["rewards"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    shape = tuple(images.shape[1:])
+    nets = metric_nets or load_metric_nets(settings.metric_nets, image_shape=shape, device=settings.device)
+    cls = metrics.classifier_outputs(nets.classifier, images.to(settings.device))
+    score = metrics.inception_score(cls.probs, splits=settings.is_splits)
+    result["inception_score"] = {"mean": score.mean, "std": score.std, "network": nets.classifier_name}
+    if nets.embedder is nets.classifier:
+        embeddings = cls.features
+    else:
+        embeddings = torch.cat([nets.embedder.features(b.to(settings.device)).float().cpu() for b in images.split(64)])
+    result["vendi_pixel"] = metrics.pixel_vendi(images, settings.pixel_size)
+    result["vendi_embedding"] = {"value": metrics.vendi_score(embeddings), "network": nets.embedder_name}
+    predicted = cls.probs.argmax(1)
+    if conditions is not None and nets.classifier_name == "digit-classifier":  # the classifier knows the classes
+        result["class_agreement"] = float((predicted == conditions).float().mean())
+    timings["metrics"] = time.perf_counter() - tic
+    result["seconds"] = timings
+    arrays["embeddings"] = embeddings.numpy().astype(np.float32)
+    arrays["predicted"] = predicted.numpy()
+    if conditions is not None:
+        arrays["conditions"] = conditions.numpy()
+    arrays["images_uint8"] = (images[:100] * 255).round().to(torch.uint8).numpy()
+    return result, arrays
+
+
+def write_evaluation(result: dict[str, Any], arrays: dict[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
+    """Write ``result`` as JSON at ``path`` and the arrays next to it (``.npz``), each atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    npz = path.with_suffix(".npz")
+    result = {**result, "arrays": npz.name}
+    tmp = npz.with_name(npz.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(npz)
+    tmp_json = path.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps(result, indent=2) + "\n")
+    tmp_json.replace(path)
+    return path
+
+
+def _cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample ``1 − cos(a_i, b_i)`` of flattened images."""
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)
+    return (1 - cos).clamp(min=0)
+
+
+@torch.no_grad()
+def injection_study(
+    finetuned: LoadedModel,
+    base: LoadedModel,
+    injection_steps: Sequence[int] = (38, 35, 30, 25, 20, 10),
+    num_samples: int = 15,
+    num_steps: int = 40,
+    eta: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The paper's Appendix A.1: start sampling with the fine-tuned model, switch to the base model.
+
+    Injection steps are on the paper's axis (``num_steps`` = noisiest, 0 = the final sample): with
+    injection step ``s`` the fine-tuned model takes the first ``num_steps − s`` steps and the base
+    model the rest. All chains share the initial noise and the policy noise of every step, so they
+    differ only by the model that denoised. At every step the x̂0 prediction of each injected chain
+    is compared with the fine-tuned chain's (cosine distance, mean over samples); the final images
+    are also compared with the base model's own samples.
+
+    Returns:
+        JSON-ready ``{"axis": [...], "curves": {s: [...]}, "final_to_finetuned": {s: d},
+        "final_to_base": {s: d}, ...}``, steps on the paper's axis.
+    """
+    for s in injection_steps:
+        if not 0 <= s <= num_steps:
+            raise ValueError(f"injection steps must lie in [0, {num_steps}] (paper axis), got {s}")
+    schedule = sampling.make_schedule(finetuned.scheduler, num_steps, eta=eta, device=device)
+    shape = (finetuned.unet.config.in_channels, finetuned.unet.config.sample_size, finetuned.unet.config.sample_size)
+    x_start = sampling.initial_noise(num_samples, shape, seed, device)
+    num_classes = getattr(finetuned.unet.config, "num_class_embeds", None)
+    c = None if num_classes is None else (torch.arange(num_samples) % num_classes).to(device)
+    noise = torch.randn((num_steps, num_samples, *shape), generator=torch.Generator().manual_seed(seed + 1))
+    nets = {"finetuned": sampling.unet_denoiser(finetuned.unet), "base": sampling.unet_denoiser(base.unet)}
+
+    def chain(switch: int) -> tuple[Tensor, list[Tensor]]:
+        x, x0s = x_start, []
+        for k in range(num_steps):
+            net = nets["finetuned"] if k < switch else nets["base"]
+            t = sampling.timestep_at(k, schedule).to(device).expand(num_samples)
+            step = sampling.denoise_step(net(x, t, c), x, k, schedule, noise=noise[k].to(device))
+            x0s.append(step.x0)
+            x = step.x_prev
+        return x, x0s
+
+    ref_final, ref_x0 = chain(num_steps)
+    base_final, _ = chain(0)
+    out: dict[str, Any] = {
+        "axis": [num_steps - k for k in range(num_steps)],
+        "num_samples": num_samples,
+        "seed": seed,
+        "curves": {},
+        "final_to_finetuned": {},
+        "final_to_base": {},
+    }
+    for s in injection_steps:
+        final, x0s = chain(num_steps - s)
+        out["curves"][str(s)] = [_cosine_distance(a, b).mean().item() for a, b in zip(x0s, ref_x0, strict=True)]
+        out["final_to_finetuned"][str(s)] = _cosine_distance(final, ref_final).mean().item()
+        out["final_to_base"][str(s)] = _cosine_distance(final, base_final).mean().item()
+    out["finetuned_to_base"] = _cosine_distance(ref_final, base_final).mean().item()
+    return out

@@ -1,0 +1,340 @@
+"""The paper's experiment in one command: train every method × reward × seed, evaluate, report.
+
+``diffusion-gym paper --config envs_configs/paper_digits.yaml`` (or ``make paper``) runs the stages
+
+1. **train**: one PPO-IS run per (method, reward, seed) from the method's training config (a
+   template with ``{reward}``), plus the study's overrides; runs that already finished are skipped,
+   so an interrupted study continues where it stopped;
+2. **evaluate**: the base model and every run, on the same evaluation noise (``diffusion-gym
+   evaluate``'s JSON per model);
+3. **injection**: the Appendix A.1 experiment on one method's first seed per reward;
+4. **report**: ``report.md`` with Tables 1–3, the window ablation, the claims check, Fig. 5, the
+   projection and injection plots and the runtime of each stage, written to ``report_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .evaluation import EvalSettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvaluationSection(_Strict):
+    """Settings of the evaluation stage (identical for every model)."""
+
+    num_samples: int = Field(500, ge=10, description="images per model (the paper: 2,142)")
+    seed: int = Field(2024, description="seed of the shared evaluation noise")
+    num_steps: int = Field(40, ge=1, description="DDIM steps")
+    eta: float = Field(1.0, ge=0.0, description="DDIM eta")
+    batch_size: int = Field(250, ge=1, description="images per sampling chain")
+    metric_nets: str = Field("auto", description="digits, inception or auto")
+
+
+class InjectionSection(_Strict):
+    """Settings of the Appendix A.1 injection-sampling stage."""
+
+    method: str = Field("ddpo", description="whose first-seed run is switched to the base model")
+    steps: list[int] = Field([38, 35, 30, 25, 20, 10], description="switch steps, paper axis (K = noisiest)")
+    num_samples: int = Field(15, ge=1, description="trajectories (the paper: 15)")
+    seed: int = Field(0, description="seed of the shared noise")
+
+
+class StudyConfig(_Strict):
+    """A whole study (see ``envs_configs/paper_digits.yaml``)."""
+
+    out_dir: str = Field("runs/paper_digits", description="runs, evaluations and timings")
+    report_dir: str = Field("docs/results/paper_digits", description="where report.md and figures go")
+    title: str = Field("HRF paper experiment", description="report title")
+    base_model: str = Field("embedded:digits", description="the model every method fine-tunes")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    rewards: list[str] = Field(["jpeg_compressibility", "jpeg_incompressibility"], min_length=1)
+    methods: dict[str, str] = Field(..., min_length=1, description="method name -> training config template")
+    overrides: list[str] = Field([], description="--set overrides for every run")
+    method_overrides: dict[str, list[str]] = Field({}, description="extra overrides per method")
+    jobs: int = Field(1, ge=1, description="training runs in parallel (each gets cores / jobs threads)")
+    evaluation: EvaluationSection = EvaluationSection()
+    injection: InjectionSection | None = InjectionSection()
+
+
+def load_study(path: str | os.PathLike[str]) -> StudyConfig:
+    """Read and validate a study YAML; errors name the key."""
+    from .ppo_is.config import ConfigError, _yaml_load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study config not found: {path}")
+    try:
+        study = StudyConfig.model_validate(_yaml_load(path.read_text()) or {})
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+    unknown = set(study.method_overrides) - set(study.methods)
+    if unknown:
+        raise ConfigError(
+            f"{path}: method_overrides names unknown methods {sorted(unknown)}; methods: {list(study.methods)}"
+        )
+    if study.injection is not None and study.injection.method not in study.methods:
+        raise ConfigError(
+            f"{path}: injection.method {study.injection.method!r} is not one of the methods {list(study.methods)}"
+        )
+    for method, template in study.methods.items():
+        for reward in study.rewards:
+            if not Path(template.format(reward=reward)).is_file():
+                raise ConfigError(f"{path}: methods.{method}: {template.format(reward=reward)} does not exist")
+    return study
+
+
+def machine_description() -> str:
+    """One line naming the machine, for the report header."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux: the CPU model
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (
+        f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}"
+    )
+
+
+class Timings:
+    """Stage runtimes, kept in ``<out_dir>/timings.json`` so a resumed study reports all of them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.items: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
+
+    def add(self, stage: str, name: str, seconds: float) -> None:
+        """Record (or replace) one item's runtime."""
+        self.items = [t for t in self.items if (t["stage"], t["name"]) != (stage, name)]
+        self.items.append({"stage": stage, "name": name, "seconds": round(seconds, 2)})
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.items, indent=1))
+        tmp.replace(self.path)
+
+
+def _run_name(method: str, reward: str, seed: int) -> str:
+    return f"{method}__{reward}__seed{seed}"
+
+
+def _finished(run_dir: Path, num_epochs: int) -> bool:
+    from .common.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(run_dir)
+    return found is not None and json.loads((found / "meta.json").read_text()).get("epoch") == num_epochs - 1
+
+
+def _overrides(study: StudyConfig, method: str, seed: int) -> list[str]:
+    return [*study.overrides, *study.method_overrides.get(method, []), f"seed={seed}", f"model={study.base_model}"]
+
+
+def _train_command(study: StudyConfig, method: str, reward: str, seed: int, run_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "agents.cli", "train", "--config", study.methods[method].format(reward=reward)]
+    cmd += ["--run-dir", str(run_dir), "--no-progress"]
+    for o in _overrides(study, method, seed):
+        cmd += ["--set", o]
+    return cmd
+
+
+def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = print) -> dict[tuple[str, str, int], Path]:
+    """Train every (method, reward, seed) that has not finished; returns the run directories."""
+    from .ppo_is.config import load_config
+
+    runs: dict[tuple[str, str, int], Path] = {}
+    todo = []
+    for reward in study.rewards:
+        for method in study.methods:
+            for seed in study.seeds:
+                run_dir = out / "runs" / _run_name(method, reward, seed)
+                runs[(method, reward, seed)] = run_dir
+                cmd = _train_command(study, method, reward, seed, run_dir)
+                config = load_config(study.methods[method].format(reward=reward), _overrides(study, method, seed))
+                if _finished(run_dir, config.num_epochs):
+                    log(f"  train {run_dir.name}: done already, skipped")
+                else:
+                    todo.append((run_dir, cmd, config))
+    threads = max(1, (os.cpu_count() or 1) // study.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+    def run(item: tuple[Path, list[str], Any]) -> None:
+        run_dir, cmd, config = item
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tic = time.perf_counter()
+        if study.jobs == 1:  # in this process: no interpreter start-up and model loading per run
+            from .ppo_is.trainer import train
+
+            train(config, run_dir=run_dir, progress=False)
+        else:
+            with open(run_dir / "train.log", "w") as logfile:
+                done = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"training {run_dir.name} failed (exit {done.returncode}); see {run_dir / 'train.log'}"
+                )
+        seconds = time.perf_counter() - tic
+        timings.add("train", run_dir.name, seconds)
+        log(f"  train {run_dir.name}: {seconds:.0f} s")
+
+    with ThreadPoolExecutor(study.jobs) as pool:
+        list(pool.map(run, todo))
+    return runs
+
+
+def evaluate_stage(
+    study: StudyConfig, runs: dict[tuple[str, str, int], Path], out: Path, timings: Timings, log: Any = print
+) -> list[Path]:
+    """Evaluate the base model and every run (skipping JSON files already written)."""
+    from diffusion_gym.feature_nets import load_metric_nets
+
+    from .evaluation import evaluate_model, write_evaluation
+
+    e = study.evaluation
+    settings = EvalSettings(
+        num_samples=e.num_samples,
+        seed=e.seed,
+        num_steps=e.num_steps,
+        eta=e.eta,
+        batch_size=e.batch_size,
+        metric_nets=e.metric_nets,
+        rewards=list(study.rewards),
+    )
+    items = [("base", study.base_model, {"method": "base"})]
+    items += [(run_dir.name, str(run_dir), {"method": m, "task": r, "seed": s}) for (m, r, s), run_dir in runs.items()]
+    nets = None
+    paths = []
+    for name, model, meta in items:
+        path = out / "eval" / f"{name}.json"
+        paths.append(path)
+        if path.is_file():
+            continue
+        tic = time.perf_counter()
+        if nets is None:
+            from diffusion_gym.models import load_model
+
+            unet = load_model(study.base_model).unet
+            shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            nets = load_metric_nets(e.metric_nets, image_shape=shape)
+        result, arrays = evaluate_model(model, settings, label=name, meta=meta, metric_nets=nets)
+        write_evaluation(result, arrays, path)
+        seconds = time.perf_counter() - tic
+        timings.add("evaluate", name, seconds)
+        log(f"  evaluate {name}: {seconds:.0f} s")
+    return paths
+
+
+def injection_stage(
+    study: StudyConfig, runs: dict[tuple[str, str, int], Path], out: Path, timings: Timings, log: Any = print
+) -> dict[str, dict[str, Any]]:
+    """The Appendix A.1 experiment per reward on ``injection.method``'s first seed."""
+    from diffusion_gym.models import load_model
+
+    from .evaluation import injection_study, resolve_model_spec
+
+    inj = study.injection
+    if inj is None:
+        return {}
+    results = {}
+    base = load_model(study.base_model)
+    for reward in study.rewards:
+        path = out / "eval" / f"injection__{reward}.json"
+        if not path.is_file():
+            tic = time.perf_counter()
+            tuned = load_model(resolve_model_spec(runs[(inj.method, reward, study.seeds[0])]))
+            data = injection_study(
+                tuned,
+                base,
+                inj.steps,
+                inj.num_samples,
+                study.evaluation.num_steps,
+                study.evaluation.eta,
+                inj.seed,
+            )
+            data.update(method=inj.method, task=reward, seed=study.seeds[0])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data, indent=1))
+            timings.add("injection", reward, time.perf_counter() - tic)
+        results[reward] = json.loads(path.read_text())
+    log("  injection sampling: done")
+    return results
+
+
+def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any = print) -> Path:
+    """Run the study's stages (``all``, or a comma list of train, evaluate, injection, report)."""
+    valid = ("train", "evaluate", "injection", "report")
+    wanted = valid if stages == "all" else tuple(s.strip() for s in stages.split(","))
+    bad = [s for s in wanted if s not in valid]
+    if bad:
+        raise ValueError(f"unknown stage(s) {bad}; valid choices: all or a comma list of {list(valid)}")
+    study = load_study(config_path)
+    out = Path(study.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = Timings(out / "timings.json")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    log(f"study {config_path}: {len(study.methods)} methods × {len(study.rewards)} rewards × {len(study.seeds)} seeds")
+    if "train" in wanted:
+        runs = train_stage(study, out, timings, log)
+    else:
+        runs = {
+            (m, r, s): out / "runs" / _run_name(m, r, s)
+            for r in study.rewards
+            for m in study.methods
+            for s in study.seeds
+        }
+    if "evaluate" in wanted:
+        evaluate_stage(study, runs, out, timings, log)
+    injections = injection_stage(study, runs, out, timings, log) if "injection" in wanted else {}
+    if "report" not in wanted:
+        return out
+    from .report import write_report
+
+    tic = time.perf_counter()
+    command = (
+        "make paper"
+        if os.environ.get("DIFFUSION_GYM_MAKE_PAPER")
+        else "diffusion-gym paper --config " + shlex.quote(str(config_path))
+    )
+    header = [
+        f"Produced by `{command}` (study config `{config_path}`), report written {started}.",
+        f"Machine: {machine_description()}.",
+    ]
+    report_dir = Path(study.report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    path = write_report(
+        [out / "eval"],
+        report_dir,
+        title=study.title,
+        header=header,
+        injections=injections,
+        timings=timings.items,
+    )
+    timings.add("report", "report", time.perf_counter() - tic)
+    # the per-model metrics travel with the report (the arrays stay in out_dir)
+    (report_dir / "evaluations.json").write_text(
+        json.dumps(
+            [json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json")) if "injection" not in p.name],
+            indent=1,
+        )
+    )
+    log(f"report: {path}")
+    return path

@@ -1,0 +1,400 @@
+"""Turn evaluation JSON files into the paper's tables and plots (``diffusion-gym report``).
+
+Reads the files written by ``diffusion-gym evaluate`` (one per model; fields ``method``, ``task``
+and ``seed`` say which run a file belongs to) and writes ``report.md`` with:
+
+* Table 1: reward mean ± SE per task for Base / DDPO / HRF (average over HRF window presets) / HRF-D;
+* Table 2: Inception Score; Table 3: Vendi score on pixels and on embeddings;
+* the per-preset ablation (HRF baseline / early / later), and a check of the paper's claims;
+* Fig. 5 (reward vs Vendi, one point per run), a Fig. 1-style 2-D projection of embeddings (base vs
+  DDPO, same noise), the Appendix A.1 injection plot when its JSON is given, and stage runtimes.
+
+Across runs of one method, the table entry is the mean over runs ± the standard error over runs
+(3 seeds in the paper); a single model (Base) shows its own sample standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BASE = "base"
+FAMILY_ORDER = ("base", "ddpo", "hrf", "hrf-d")
+FAMILY_TITLES = {"base": "Base", "ddpo": "DDPO", "hrf": "HRF", "hrf-d": "HRF-D"}
+COLORS = {
+    "base": "black",
+    "ddpo": "tab:red",
+    "hrf": "tab:blue",
+    "hrf-baseline": "tab:blue",
+    "hrf-early": "tab:orange",
+    "hrf-later": "tab:green",
+    "hrf-d": "tab:purple",
+}
+HIGHER_IS_BETTER_NOTE = "Higher is better for every reward here (compressibility is minus the JPEG size)"
+
+
+def family(method: str) -> str:
+    """The table column of a method: the HRF window presets (``hrf``, ``hrf-*`` but HRF-D) form ``hrf``."""
+    if method in (BASE, "ddpo", "hrf-d"):
+        return method
+    if method == "hrf" or method.startswith("hrf-"):
+        return "hrf"
+    return method
+
+
+def load_results(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Read evaluation JSON files (directories are searched for ``*.json`` with a ``rewards`` field)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
+    results = []
+    for f in files:
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and "rewards" in data and "vendi_pixel" in data:
+            data["_path"] = str(f)
+            data.setdefault("method", data.get("label", f.stem))
+            results.append(data)
+    if not results:
+        raise ValueError(f"no evaluation JSON files (from `diffusion-gym evaluate`) found in {list(map(str, paths))}")
+    return results
+
+
+def _metric(result: dict[str, Any], name: str, task: str) -> tuple[float, float]:
+    """``(value, its own uncertainty)`` of one metric of one evaluated model."""
+    if name == "reward":
+        r = result["rewards"][task]
+        return r["mean"], r["se"]
+    if name == "is":
+        return result["inception_score"]["mean"], result["inception_score"]["std"]
+    if name == "vendi_pixel":
+        return result["vendi_pixel"], float("nan")
+    if name == "vendi_embedding":
+        return result["vendi_embedding"]["value"], float("nan")
+    raise ValueError(f"unknown metric {name!r}")
+
+
+def aggregate(runs: list[dict[str, Any]], name: str, task: str) -> tuple[float, float, int]:
+    """Mean over runs ± standard error over runs (a single run: its own uncertainty)."""
+    values = [_metric(r, name, task) for r in runs]
+    if len(values) == 1:
+        return values[0][0], values[0][1], 1
+    v = np.array([x for x, _ in values], dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))), len(v)
+
+
+def _fmt(mean: float, se: float, n: int, digits: int) -> str:
+    if math.isnan(mean):
+        return "—"
+    text = f"{mean:.{digits}f}"
+    if not math.isnan(se):
+        text += f" ± {se:.{digits}f}"
+    return text + (f" (n={n})" if n > 1 else "")
+
+
+class Study:
+    """Evaluation results grouped by task (trained reward) and method."""
+
+    def __init__(self, results: list[dict[str, Any]]) -> None:
+        self.results = results
+        self.base = [r for r in results if r["method"] == BASE]
+        tasks = [r.get("task") for r in results if r["method"] != BASE and r.get("task")]
+        self.tasks = list(dict.fromkeys(tasks)) or list(results[0]["rewards"])
+        self.methods = list(dict.fromkeys(r["method"] for r in results if r["method"] != BASE))
+
+    def runs(self, task: str, method: str | None = None, fam: str | None = None) -> list[dict[str, Any]]:
+        """Evaluated runs fine-tuned on ``task`` (all tasks for files without one), by method or family."""
+        if (method or fam) == BASE:
+            return self.base
+        out = []
+        for r in self.results:
+            if r["method"] == BASE or r.get("task") not in (task, None):
+                continue
+            if (method is not None and r["method"] == method) or (fam is not None and family(r["method"]) == fam):
+                out.append(r)
+        return out
+
+    def families(self) -> list[str]:
+        """Table columns present: Base, DDPO, HRF, HRF-D, then any other method."""
+        present = {family(m) for m in self.methods} | ({BASE} if self.base else set())
+        return [f for f in FAMILY_ORDER if f in present] + sorted(present - set(FAMILY_ORDER))
+
+    def table(self, name: str, digits: int, by: str = "family") -> list[list[str]]:
+        """Rows ``[task, cell per column]`` of one metric."""
+        columns = self.families() if by == "family" else [BASE, *self.methods] if self.base else self.methods
+        rows = []
+        for task in self.tasks:
+            cells = [task]
+            for col in columns:
+                runs = self.runs(task, fam=col) if by == "family" else self.runs(task, method=col)
+                cells.append(_fmt(*aggregate(runs, name, task), digits) if runs else "—")
+            rows.append(cells)
+        return [["task", *[FAMILY_TITLES.get(c, c) for c in columns]], *rows]
+
+    def claims(self) -> list[list[str]]:
+        """The paper's qualitative claims, checked on these numbers."""
+        rows = [["task", "claim", "holds?", "numbers"]]
+        if not self.base:
+            return rows
+        for task in self.tasks:
+            base, _, _ = aggregate(self.base, "reward", task)
+            fam = {f: self.runs(task, fam=f) for f in ("ddpo", "hrf", "hrf-d")}
+            stat = {f: aggregate(r, "reward", task) for f, r in fam.items() if r}
+            if "ddpo" in stat:
+                m, se, _ = stat["ddpo"]
+                z = (m - base) / se if se > 0 else float("inf")
+                rows.append(
+                    [task, "DDPO raises the reward over Base", _yes(m > base), f"{base:.4f} → {m:.4f} ({z:+.1f} SE)"]
+                )
+                for f in ("hrf", "hrf-d"):
+                    if f in stat:
+                        mf, sef, _ = stat[f]
+                        tol = 2 * math.hypot(se, sef)
+                        rows.append(
+                            [
+                                task,
+                                f"{FAMILY_TITLES[f]} reward on par with or above DDPO (within 2 SE)",
+                                _yes(mf >= m - tol),
+                                f"{mf:.4f} vs {m:.4f} (2 SE = {tol:.4f})",
+                            ]
+                        )
+                for metric, title in (
+                    ("is", "IS"),
+                    ("vendi_pixel", "Vendi (pixels)"),
+                    ("vendi_embedding", "Vendi (emb.)"),
+                ):
+                    b, _, _ = aggregate(self.base, metric, task)
+                    d, _, _ = aggregate(fam["ddpo"], metric, task)
+                    for f in ("hrf", "hrf-d"):
+                        if fam[f]:
+                            v, _, _ = aggregate(fam[f], metric, task)
+                            rows.append(
+                                [
+                                    task,
+                                    f"{FAMILY_TITLES[f]} {title} closer to Base than DDPO's",
+                                    _yes(abs(v - b) < abs(d - b)),
+                                    f"Base {b:.3f}, DDPO {d:.3f}, {FAMILY_TITLES[f]} {v:.3f}",
+                                ]
+                            )
+        return rows
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    """GitHub Markdown of a header row and body rows."""
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reward_vs_vendi(study: Study, path: Path) -> Path:
+    """Fig. 5: reward (y) vs Vendi (x), one point per run, method means as large markers, Base as a star."""
+    plt = _plt()
+    metrics_ = (("vendi_pixel", "Vendi (pixels)"), ("vendi_embedding", "Vendi (embeddings)"))
+    fig, axes = plt.subplots(len(metrics_), len(study.tasks), figsize=(5 * len(study.tasks), 8), squeeze=False)
+    for j, task in enumerate(study.tasks):
+        for i, (metric, title) in enumerate(metrics_):
+            ax = axes[i][j]
+            for method in study.methods:
+                runs = study.runs(task, method=method)
+                if not runs:
+                    continue
+                xs = [_metric(r, metric, task)[0] for r in runs]
+                ys = [_metric(r, "reward", task)[0] for r in runs]
+                color = COLORS.get(method, None)
+                ax.scatter(xs, ys, s=18, alpha=0.5, color=color)
+                ax.scatter([np.mean(xs)], [np.mean(ys)], s=90, color=color, edgecolor="black", label=method)
+            if study.base:
+                ax.scatter(
+                    [_metric(study.base[0], metric, task)[0]],
+                    [_metric(study.base[0], "reward", task)[0]],
+                    marker="*",
+                    s=250,
+                    color="gold",
+                    edgecolor="black",
+                    label="base",
+                )
+            ax.set_xlabel(title)
+            ax.set_ylabel(f"reward: {task}")
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(task)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Reward vs diversity (small dots: seeds; large: mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _arrays(result: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    name = result.get("arrays")
+    if not name:
+        return None
+    path = Path(result["_path"]).with_name(name)
+    return dict(np.load(path)) if path.is_file() else None
+
+
+def plot_projection(study: Study, path: Path, method: str = "ddpo") -> Path | None:
+    """Fig. 1-style: a 2-D PCA projection of embeddings of Base and one fine-tuned run (same noise) per task."""
+    plt = _plt()
+    base = _arrays(study.base[0]) if study.base else None
+    panels = []
+    for task in study.tasks:
+        runs = sorted(study.runs(task, method=method), key=lambda r: r.get("seed", 0))
+        tuned = _arrays(runs[0]) if runs else None
+        if base is not None and tuned is not None:
+            panels.append((task, runs[0], base["embeddings"], tuned["embeddings"]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (task, run, eb, et) in zip(axes[0], panels, strict=True):
+        both = np.concatenate([eb, et]).astype(np.float64)
+        center = both.mean(0)
+        _, _, vt = np.linalg.svd(both - center, full_matrices=False)
+        pb, pt = (eb - center) @ vt[:2].T, (et - center) @ vt[:2].T
+        for pts, color, name in (
+            (pb, "black", "base"),
+            (pt, COLORS.get(method, "tab:red"), f"{method} seed {run.get('seed')}"),
+        ):
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.4, color=color, label=name)
+            _ellipse(ax, pts, color)
+        ax.set_title(f"{task}: embeddings, PCA")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _ellipse(ax: Any, pts: np.ndarray, color: str) -> None:
+    """Draw the 2-standard-deviation ellipse of 2-D points."""
+    from matplotlib.patches import Ellipse
+
+    cov = np.cov(pts.T)
+    vals, vecs = np.linalg.eigh(cov)
+    angle = math.degrees(math.atan2(vecs[1, -1], vecs[0, -1]))
+    w, h = 4 * np.sqrt(np.maximum(vals[::-1], 0))
+    ax.add_patch(Ellipse(pts.mean(0), w, h, angle=angle, fill=False, color=color, lw=2))
+
+
+def plot_injection(injections: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Appendix A.1: cosine distance of x̂0 between the injected chains and the fine-tuned chain."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(injections), figsize=(5 * len(injections), 4), squeeze=False)
+    for ax, (task, inj) in zip(axes[0], injections.items(), strict=True):
+        for s, curve in inj["curves"].items():
+            ax.plot(inj["axis"], curve, label=f"switch at {s}")
+        ax.invert_xaxis()
+        ax.set_xlabel("step (paper axis: 40 = noisiest)")
+        ax.set_ylabel("cosine distance of x̂0 to the fine-tuned chain")
+        ax.set_title(f"{task}: {inj.get('method', 'ddpo')} → base")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    title: str = "Evaluation report",
+    header: Sequence[str] = (),
+    injections: dict[str, dict[str, Any]] | None = None,
+    timings: list[dict[str, Any]] | None = None,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``report.md`` and its figures into ``out_dir``; returns the Markdown path."""
+    study = Study(load_results(paths))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first = study.results[0]["settings"]
+    n_runs = defaultdict(int)
+    for r in study.results:
+        n_runs[r["method"]] += 1
+    lines = [f"# {title}", "", *header, ""]
+    lines += [
+        f"Every model was sampled from the same initial noise (seed {first['seed']}, {first['num_samples']} samples, "
+        f"{first['num_steps']} DDIM steps, eta {first['eta']}); the IS network is "
+        f"`{study.results[0]['inception_score']['network']}`, the embedding network "
+        f"`{study.results[0]['vendi_embedding']['network']}`, pixels are resized to {first['pixel_size']}² for "
+        f"Vendi. Models: " + ", ".join(f"{m} × {n}" for m, n in n_runs.items()) + ".",
+        "",
+        f"Entries: mean over runs ± standard error over runs (n = runs); Base: its sample SE. {HIGHER_IS_BETTER_NOTE}.",
+        "",
+        "## Table 1: reward",
+        "",
+        markdown_table(study.table("reward", 4)),
+        "",
+        "## Table 2: Inception Score (closer to Base = diversity preserved)",
+        "",
+        markdown_table(study.table("is", 3)),
+        "",
+        "## Table 3: Vendi score (closer to Base = diversity preserved)",
+        "",
+        "Raw pixels:",
+        "",
+        markdown_table(study.table("vendi_pixel", 3)),
+        "",
+        "Embeddings:",
+        "",
+        markdown_table(study.table("vendi_embedding", 3)),
+        "",
+        "## Window ablation (every method separately)",
+        "",
+    ]
+    for name, title_, digits in (("reward", "reward", 4), ("is", "IS", 3), ("vendi_pixel", "Vendi pixels", 3)):
+        lines += [f"{title_}:", "", markdown_table(study.table(name, digits, by="method")), ""]
+    lines += ["## The paper's claims on these numbers", "", markdown_table(study.claims()), ""]
+    lines += [*notes, ""] if notes else []
+    fig5 = plot_reward_vs_vendi(study, out / "fig5_reward_vs_vendi.png")
+    lines += ["## Figures", "", f"![Reward vs Vendi]({fig5.name})", ""]
+    proj = plot_projection(study, out / "fig1_projection.png")
+    if proj is not None:
+        lines += [f"![Embedding projection]({proj.name})", ""]
+    if injections:
+        inj = plot_injection(injections, out / "injection_sampling.png")
+        lines += ["### Injection sampling (Appendix A.1)", "", f"![Injection sampling]({inj.name})", ""]
+        rows = [["task", "switch step", "final distance to fine-tuned", "final distance to base"]]
+        for task, d in injections.items():
+            for s in d["curves"]:
+                rows.append([task, s, f"{d['final_to_finetuned'][s]:.4f}", f"{d['final_to_base'][s]:.4f}"])
+        lines += [markdown_table(rows), ""]
+    if timings:
+        totals: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for t in timings:
+            totals[t["stage"]] += t["seconds"]
+            counts[t["stage"]] += 1
+        rows = [["stage", "items", "seconds", "minutes"]]
+        rows += [[s, str(counts[s]), f"{v:.0f}", f"{v / 60:.1f}"] for s, v in totals.items()]
+        total = sum(totals.values())
+        rows.append(["**total**", str(sum(counts.values())), f"{total:.0f}", f"{total / 60:.1f}"])
+        lines += ["## Runtime of each stage", "", markdown_table(rows), ""]
+    path = out / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
