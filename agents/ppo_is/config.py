@@ -108,6 +108,9 @@ class Config(_Section):
     seed: int = Field(0, description="seed of everything")
     device: str = Field("cpu", description="torch device")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast for the UNet")
+    dist_timeout_s: float = Field(
+        1800.0, gt=0, description="torchrun: seconds a process waits for the others before failing"
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -15,6 +15,22 @@ Per epoch (= one HRF iteration):
    distance from 1, the start-step histogram, fixed-noise evaluation reward and image grid.
 5. **Checkpoint** atomically (weights in diffusers format + optimizer, RNGs, env and window state),
    so ``resume`` continues bit-identically.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs data-parallel, one process per GPU, and
+computes what one process with the same config computes (to float rounding):
+
+* every process holds the same RNG states and draws the randomness of the *global* batch (start
+  step, references, initial and policy noise), keeping its block of ``num_envs / world_size``
+  episodes (:class:`~diffusion_gym.envs.Shard`); HRF-D probes are split across processes and their
+  results gathered, so every process picks the same start step;
+* rewards, groups and conditions are gathered: advantages (and the per-condition tracker) see the
+  whole batch, every process keeps its episodes' advantages;
+* the update shuffles the global (sample, step) pairs with the same generator everywhere; per chunk
+  each process back-propagates the pairs it collected, with the loss normalised by the *global*
+  chunk size, the gradients are summed across processes (one bucketed all-reduce, the chunk loss
+  riding along for the finiteness check), then clipped and applied identically everywhere;
+* rank 0 evaluates, logs and writes checkpoints; checkpoints hold the global state, so a run
+  resumes under any number of processes that divides ``sample.num_envs``.
 """
 
 from __future__ import annotations
@@ -32,7 +48,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from diffusion_gym import metrics, sampling
-from diffusion_gym.envs import DiffusionDenoiseVectorEnv
+from diffusion_gym.envs import DiffusionDenoiseVectorEnv, Shard
 from diffusion_gym.models import load_model
 
 from ..common.advantages import PerConditionStatTracker, compute_advantages
@@ -44,8 +60,9 @@ from ..common.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from ..common.distributed import Distributed, DistributedError, init_distributed
 from ..common.policy import DiffusionPolicy, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 
 
 class TrainingDivergedError(RuntimeError):
@@ -97,12 +114,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _make_env(config: Config, policy: DiffusionPolicy, loaded: Any) -> DiffusionDenoiseVectorEnv:
+def _make_env(
+    config: Config, policy: DiffusionPolicy, loaded: Any, dist: Distributed | None = None
+) -> DiffusionDenoiseVectorEnv:
     s, e = config.sample, config.env
     if s.start_mode != "shared":
         raise ValueError("the PPO-IS trainer collects whole batches: sample.start_mode must be 'shared' for now")
+    shard = None
+    if dist is not None and dist.enabled:
+        shard = Shard(dist.rank, dist.world_size, dist.all_gather_cat)
     return DiffusionDenoiseVectorEnv(
-        num_envs=s.num_envs,
+        num_envs=s.num_envs // (shard.world_size if shard is not None else 1),
+        shard=shard,
         model=loaded,
         reward=e.reward,
         reward_kwargs=e.reward_kwargs,
@@ -126,8 +149,12 @@ def collect(
     num_batches: int,
     generator: torch.Generator,
 ) -> None:
-    """Roll out ``num_batches`` batches of whole episodes into ``buffer`` (no grad)."""
+    """Roll out ``num_batches`` batches of whole episodes into ``buffer`` (no grad).
+
+    A sharded env's process draws the policy noise of the whole global batch and keeps its block.
+    """
     deterministic = policy.schedule.deterministic.cpu().numpy()  # host copy: no device sync per step
+    shard = envs.core.shard
     obs, info = envs.observation()
     for _ in range(num_batches):
         traj = buffer.start_batch(obs["c"], info["group"], info["start_step"])
@@ -135,7 +162,11 @@ def collect(
         for _ in range(int(envs.steps_remaining().max())):
             k = info["step_index"]
             c = obs["c"] if policy.conditional else None
-            z = torch.randn(obs["x_t"].shape, generator=generator).to(envs.device)
+            if shard is None:
+                z = torch.randn(obs["x_t"].shape, generator=generator).to(envs.device)
+            else:
+                shape = (envs.core.global_num_envs, *obs["x_t"].shape[1:])
+                z = torch.randn(shape, generator=generator)[shard.block(shape[0])].to(envs.device)
             step = policy.act(obs["x_t"], k, c, noise=z)
             k_host = int(envs.core.num_steps - envs.steps_remaining()[0])  # shared start: one step for all
             if not deterministic[k_host]:
@@ -150,6 +181,21 @@ def _kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tens
     return ((mean - ref_mean) ** 2 / (2 * safe**2)).flatten(1).mean(1)
 
 
+def _owned_pairs(chunk: torch.Tensor, batch_envs: int, shard: Shard | None) -> torch.Tensor:
+    """Buffer positions of the pairs of ``chunk`` (global pair indices) that this process collected.
+
+    One process's buffer stores each (batch, step) as one block of ``batch_envs`` pairs; with a
+    :class:`Shard` the global buffer stores ``batch_envs × world_size`` pairs per block, of which this
+    process holds the ``shard.block``. Global pair ``g`` is row ``g % B`` of block ``g // B``.
+    """
+    if shard is None:
+        return chunk
+    width = batch_envs * shard.world_size
+    row = chunk % width
+    mine = chunk[row // batch_envs == shard.rank]
+    return (mine // width) * batch_envs + (mine % width) % batch_envs
+
+
 def update(
     policy: DiffusionPolicy,
     buffer: RolloutBuffer,
@@ -157,16 +203,27 @@ def update(
     config: Config,
     generator: torch.Generator,
     reference: DiffusionPolicy | None = None,
+    dist: Distributed | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, float]:
     """The PPO-IS update over the buffer; returns the logged statistics.
 
     Statistics stay on the device until the end; the only host sync per optimizer step is the
     finiteness check of the chunk's loss and gradient norm, made before the step.
+
+    Data-parallel (``shard`` given): the pairs are shuffled in the global order, each process
+    back-propagates its own pairs of each chunk (loss divided by the global chunk size), and the
+    gradients (with the chunk loss) are summed across processes before clipping and stepping.
     """
     t = config.train
+    dist = dist if dist is not None else Distributed()
     params = list(policy.trainable_parameters())
-    n = len(buffer)
-    stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl_ref": []}
+    world = shard.world_size if shard is not None else 1
+    batch_envs = config.sample.num_envs // world
+    n = len(buffer) * world
+    # Sums over pairs (and the pair count), reduced across processes at the end.
+    sums = {name: torch.zeros((), device=buffer.device) for name in ("loss", "approx_kl", "clipfrac", "kl_ref")}
+    count = torch.zeros((), device=buffer.device)
     first_dev: torch.Tensor | None = None
     policy.train()
     for _ in range(t.num_inner_epochs):
@@ -176,7 +233,8 @@ def update(
                 continue
             optimizer.zero_grad(set_to_none=True)
             chunk_loss = torch.zeros((), device=buffer.device)
-            for mb in buffer.minibatches(chunk, t.batch_size):
+            mine = _owned_pairs(chunk, batch_envs, shard)
+            for mb in buffer.minibatches(mine, t.batch_size) if mine.numel() else []:
                 out = policy.evaluate(mb.x, mb.k, mb.c if policy.conditional else None, mb.x_next)
                 log_ratio = out.log_prob - mb.log_prob
                 ratio = torch.exp(log_ratio)
@@ -191,13 +249,21 @@ def update(
                         ref = reference.evaluate(mb.x, mb.k, mb.c if reference.conditional else None, mb.x_next)
                     kl = _kl_to_reference(out.mean, ref.mean, out.std)
                     loss_per = loss_per + t.kl_coef * kl
-                    stats["kl_ref"].append(kl.detach().mean())
+                    sums["kl_ref"] += kl.detach().sum()
                 loss = loss_per.sum() / chunk.numel()
                 loss.backward()
                 chunk_loss = chunk_loss + loss.detach()
-                stats["loss"].append(loss_per.detach().mean())
-                stats["approx_kl"].append(0.5 * (log_ratio.detach() ** 2).mean())
-                stats["clipfrac"].append(((ratio.detach() - 1).abs() > t.clip_range).float().mean())
+                sums["loss"] += loss_per.detach().sum()
+                sums["approx_kl"] += 0.5 * (log_ratio.detach() ** 2).sum()
+                sums["clipfrac"] += ((ratio.detach() - 1).abs() > t.clip_range).float().sum()
+                count += ratio.shape[0]
+            if dist.enabled:  # sum the gradients (and the chunk loss) of all processes, in one bucketed pass
+                for p in params:
+                    if p.grad is None:  # no pair of this chunk here: contribute zeros
+                        p.grad = torch.zeros_like(p)
+                chunk_loss = chunk_loss.reshape(1)
+                dist.all_reduce_([chunk_loss, *(p.grad for p in params)])
+                chunk_loss = chunk_loss[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             if not bool(torch.isfinite(chunk_loss) & torch.isfinite(grad_norm)):
                 raise TrainingDivergedError(
@@ -207,8 +273,13 @@ def update(
                 )
             optimizer.step()
     policy.eval()
-    out = {k: torch.stack(v).mean().item() if v else 0.0 for k, v in stats.items()}
-    out["first_ratio_max_dev"] = float("nan") if first_dev is None else first_dev.item()
+    totals = torch.stack([*sums.values(), count])
+    first = torch.full((1,), -1.0, device=buffer.device) if first_dev is None else first_dev.reshape(1).float()
+    dist.all_reduce_([totals])
+    dist.all_reduce_([first], op="max")
+    total_count = max(totals[-1].item(), 1.0)
+    out = {name: value / total_count for name, value in zip(sums, totals[:-1].tolist(), strict=True)}
+    out["first_ratio_max_dev"] = float("nan") if first.item() < 0 else first.item()
     return out
 
 
@@ -244,6 +315,75 @@ def _save_grid(images: torch.Tensor, path: Path, num_classes: int | None) -> Non
     tmp.replace(path)
 
 
+class _NoWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0 (only rank 0 logs)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def _check_world_size(config: Config, dist: Distributed) -> None:
+    n = config.sample.num_envs
+    if n % dist.world_size:
+        valid = [d for d in range(1, n + 1) if n % d == 0]
+        raise ConfigError(
+            f"sample.num_envs ({n}) must be divisible by the number of processes (WORLD_SIZE={dist.world_size}): "
+            f"each process collects num_envs / WORLD_SIZE episodes of every batch; valid process counts for "
+            f"num_envs={n}: {valid} (or change sample.num_envs)"
+        )
+
+
+def _gather_trajectories(buffer: RolloutBuffer, dist: Distributed, num_batches: int) -> dict[str, torch.Tensor]:
+    """The whole batch's rewards, groups, conditions and start steps, in the single-process order.
+
+    Each process holds ``num_batches`` blocks of its ``b`` episodes; gathered rank by rank, they are
+    reordered batch by batch, as one process with all the envs would have stored them.
+    """
+    local = {
+        "rewards": buffer.rewards,
+        "groups": buffer.groups,
+        "conditions": buffer.conditions,
+        "starts": buffer.start_steps,
+    }
+    if not dist.enabled:
+        return local
+    packed = torch.stack([v.double() for v in local.values()], dim=1)  # exact for float32 and ids < 2**53
+    rows = dist.all_gather_cat(packed)  # (world · batches · b, 4): rank-major
+    rows = rows.view(dist.world_size, num_batches, -1, len(local)).transpose(0, 1)
+    starts = rows[..., 3]
+    if not bool((starts == starts[:, :1, :1]).all()):
+        raise DistributedError(
+            f"rank {dist.rank}: the processes started a batch from different steps "
+            f"({starts[:, :, 0].tolist()} per batch and rank): the env RNG or HRF-D choice diverged"
+        )
+    flat = rows.reshape(-1, len(local))
+    return {
+        "rewards": flat[:, 0].float(),
+        "groups": flat[:, 1].long(),
+        "conditions": flat[:, 2].long(),
+        "starts": flat[:, 3].long(),
+    }
+
+
+def _local_rows(values: torch.Tensor, dist: Distributed, num_batches: int) -> torch.Tensor:
+    """This process's episodes of a whole-batch tensor in single-process order (inverse of the gather)."""
+    if not dist.enabled:
+        return values
+    return values.view(num_batches, dist.world_size, -1)[:, dist.rank].reshape(-1)
+
+
+def _check_same_weights(params: list[torch.Tensor], dist: Distributed, epoch: int) -> None:
+    """Raise if the processes' weights differ (they must be identical after every step)."""
+    if not dist.enabled:
+        return
+    fingerprint = torch.stack(
+        [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for p in params]
+    )
+    everyone = dist.all_gather_cat(fingerprint.reshape(1, -1))
+    if not bool((everyone == everyone[:1]).all()):
+        raise DistributedError(f"rank {dist.rank}: the weights differ across processes after epoch {epoch}")
+
+
 def train(
     config: Config,
     *,
@@ -252,24 +392,55 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Run PPO-IS as configured.
+    """Run PPO-IS as configured, in this process or data-parallel under ``torchrun``.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) every process calls this function with
+    the same arguments; it joins the process group (gloo on CPU, NCCL on CUDA, one GPU per process,
+    timeout ``config.dist_timeout_s``) and leaves it at the end. Only rank 0 writes; every rank
+    returns the same statistics.
 
     Args:
         config: the validated configuration.
         run_dir: where logs, samples and checkpoints go (default: ``logdir/run_name``).
-        resume: a checkpoint (or run dir) to continue from, bit-identically.
-        progress: show a progress bar.
+        resume: a checkpoint (or run dir) to continue from, bit-identically (under any number of
+            processes that divides ``sample.num_envs``).
+        progress: show a progress bar (rank 0).
         stop_after: stop after this many epochs *of this call* (tests, and "train 2, resume, train 2").
 
     Returns:
         The per-epoch statistics and the fixed-noise evaluation rewards before and after.
+
+    Raises:
+        ConfigError: when ``sample.num_envs`` is not divisible by the number of processes.
+        DistributedError: when another process dies or does not answer within ``dist_timeout_s``.
     """
+    dist, device = init_distributed(config.device, config.dist_timeout_s)
+    try:
+        _check_world_size(config, dist)
+        return _train(config, dist, device, run_dir=run_dir, resume=resume, progress=progress, stop_after=stop_after)
+    finally:
+        dist.shutdown()
+
+
+def _train(
+    config: Config,
+    dist: Distributed,
+    device: str,
+    *,
+    run_dir: str | Path | None,
+    resume: str | Path | None,
+    progress: bool,
+    stop_after: int | None,
+) -> TrainResult:
     from tqdm.auto import tqdm
 
     name = config.run_name or time.strftime("ppo_is-%Y%m%d-%H%M%S")
-    run_dir = Path(run_dir) if run_dir is not None else Path(config.logdir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    run_dir = dist.broadcast_object(Path(run_dir) if run_dir is not None else Path(config.logdir) / name)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    if device != config.device:  # under torchrun each process drives cuda:<LOCAL_RANK>
+        config = config.model_copy(update={"device": device})
     _seed_everything(config.seed)
 
     loaded = load_model(config.model, scheduler=config.sample.scheduler, device=config.device)
@@ -283,7 +454,9 @@ def train(
         reference = DiffusionPolicy(copy.deepcopy(loaded.unet).requires_grad_(False), schedule, autocast)
     if config.train.lora_rank > 0:
         add_lora(policy.unet, config.train.lora_rank, config.train.lora_alpha or None)
-    envs = _make_env(config, policy, loaded)
+    envs = _make_env(config, policy, loaded, dist)
+    shard = envs.core.shard
+    num_batches = config.sample.num_batches_per_epoch
     t = config.train
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(),
@@ -298,9 +471,16 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     ema = copy.deepcopy(policy.unet).requires_grad_(False) if t.ema_decay > 0 else None
     result = TrainResult(run_dir=run_dir)
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer: Any = SummaryWriter(str(run_dir / "tb")) if dist.is_main else _NoWriter()
     sample_shape = envs.core.sample_shape
     num_classes = envs.core.num_classes
+
+    def evaluate() -> tuple[metrics.MeanStd, torch.Tensor | None]:
+        """Fixed-noise evaluation on rank 0 (the whole set: same numbers as one process), shared with all."""
+        images = None
+        if dist.is_main:
+            mean_std, images = evaluate_reward(policy, envs.core.reward_fn, config, sample_shape, num_classes)
+        return metrics.MeanStd(*dist.broadcast_object(tuple(mean_std) if dist.is_main else None)), images
 
     start_epoch = 0
     if resume is not None:
@@ -324,24 +504,26 @@ def train(
         start_epoch = ckpt.epoch + 1
     else:
         envs.reset(seed=config.seed)
-        result.base_eval, images = evaluate_reward(policy, envs.core.reward_fn, config, sample_shape, num_classes)
-        writer.add_images("eval/samples", images, 0)
-        writer.add_scalar("eval/reward_mean", result.base_eval.mean, 0)
-        _save_grid(images, run_dir / "samples" / "epoch-0000.png", num_classes)
+        result.base_eval, images = evaluate()
+        if images is not None:
+            writer.add_images("eval/samples", images, 0)
+            writer.add_scalar("eval/reward_mean", result.base_eval.mean, 0)
+            _save_grid(images, run_dir / "samples" / "epoch-0000.png", num_classes)
 
     last = config.num_epochs if stop_after is None else min(config.num_epochs, start_epoch + stop_after)
-    bar = tqdm(range(start_epoch, last), disable=not progress, desc="PPO-IS", unit="epoch")
+    bar = tqdm(range(start_epoch, last), disable=not progress or not dist.is_main, desc="PPO-IS", unit="epoch")
     for epoch in bar:
         tic = time.perf_counter()
         buffer = RolloutBuffer(config.device)
         policy.eval()
-        collect(envs, policy, buffer, config.sample.num_batches_per_epoch, generator)
-        rewards = buffer.rewards
+        collect(envs, policy, buffer, num_batches, generator)
+        batch = _gather_trajectories(buffer, dist, num_batches)
+        rewards = batch["rewards"]
         advantages = compute_advantages(
-            rewards, buffer.groups, buffer.conditions, t.advantage_mode, tracker, clip=t.adv_clip_max
+            rewards, batch["groups"], batch["conditions"], t.advantage_mode, tracker, clip=t.adv_clip_max
         )
-        buffer.set_advantages(advantages)
-        logged = update(policy, buffer, optimizer, config, generator, reference)
+        buffer.set_advantages(_local_rows(advantages, dist, num_batches))
+        logged = update(policy, buffer, optimizer, config, generator, reference, dist, shard)
         lr_schedule.step()
         if ema is not None:
             with torch.no_grad():
@@ -352,12 +534,12 @@ def train(
             epoch=epoch,
             reward_mean=rewards.mean().item(),
             reward_std=rewards.std().item() if rewards.numel() > 1 else 0.0,
-            start_steps=buffer.start_steps.tolist(),
+            start_steps=batch["starts"].tolist(),
             loss=logged["loss"],
             approx_kl=logged["approx_kl"],
             clipfrac=logged["clipfrac"],
             first_ratio_max_dev=logged["first_ratio_max_dev"],
-            num_pairs=len(buffer),
+            num_pairs=len(buffer) * dist.world_size,
             seconds=time.perf_counter() - tic,
         )
         step = epoch + 1
@@ -371,37 +553,42 @@ def train(
         writer.add_histogram("window/start_step", np.asarray(stats.start_steps), step)
         writer.add_scalar("time/epoch_seconds", stats.seconds, step)
         if step % config.eval.every == 0 or step == config.num_epochs:
-            result.final_eval, images = evaluate_reward(policy, envs.core.reward_fn, config, sample_shape, num_classes)
+            result.final_eval, images = evaluate()
             stats.eval_reward_mean = result.final_eval.mean
             writer.add_scalar("eval/reward_mean", stats.eval_reward_mean, step)
-            writer.add_images("eval/samples", images, step)
-            _save_grid(images, run_dir / "samples" / f"epoch-{step:04d}.png", num_classes)
+            if images is not None:
+                writer.add_images("eval/samples", images, step)
+                _save_grid(images, run_dir / "samples" / f"epoch-{step:04d}.png", num_classes)
         result.epochs.append(stats)
         bar.set_postfix(reward=f"{stats.reward_mean:.3f}", kl=f"{stats.approx_kl:.2e}", start=stats.start_steps[0])
 
         if step % config.save_every == 0 or step == last:
-            state = {
-                "epoch": epoch,
-                "optimizer": optimizer.state_dict(),
-                "lr_schedule": lr_schedule.state_dict(),
-                "tracker": tracker.state_dict(),
-                "env": envs.state_dict(),
-                "generator": generator.get_state(),
-                "rng": capture_rng_state(),
-                "config": config.model_dump(mode="json"),
-                "base_eval": tuple(result.base_eval) if result.base_eval is not None else None,
-            }
-            extra = {"ema": ema.state_dict()} if ema is not None else {}
-            if config.train.lora_rank > 0:
-                extra["lora"] = lora_state_dict(policy.unet)
-            save_checkpoint(
-                run_dir,
-                epoch,
-                merged_copy(policy.unet) if config.train.lora_rank > 0 else policy.unet,
-                state,
-                keep=config.keep_checkpoints,
-                extra_weights=extra,
-                scheduler=loaded.scheduler,
-            )
+            _check_same_weights(list(policy.unet.parameters()), dist, epoch)
+            env_state = envs.state_dict()  # collective under torchrun: the whole batch's episodes
+            if dist.is_main:
+                state = {
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "lr_schedule": lr_schedule.state_dict(),
+                    "tracker": tracker.state_dict(),
+                    "env": env_state,
+                    "generator": generator.get_state(),
+                    "rng": capture_rng_state(),
+                    "config": config.model_dump(mode="json"),
+                    "base_eval": tuple(result.base_eval) if result.base_eval is not None else None,
+                }
+                extra = {"ema": ema.state_dict()} if ema is not None else {}
+                if config.train.lora_rank > 0:
+                    extra["lora"] = lora_state_dict(policy.unet)
+                save_checkpoint(
+                    run_dir,
+                    epoch,
+                    merged_copy(policy.unet) if config.train.lora_rank > 0 else policy.unet,
+                    state,
+                    keep=config.keep_checkpoints,
+                    extra_weights=extra,
+                    scheduler=loaded.scheduler,
+                )
+            dist.barrier()  # a checkpoint is complete on disk before any rank goes on (or returns)
     writer.close()
     return result

@@ -1,5 +1,5 @@
 """Gymnasium environments of diffusion-gym."""
 
-from .denoise import DenoiseCore, DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv
+from .denoise import DenoiseCore, DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv, Shard
 
-__all__ = ["DenoiseCore", "DiffusionDenoiseEnv", "DiffusionDenoiseVectorEnv"]
+__all__ = ["DenoiseCore", "DiffusionDenoiseEnv", "DiffusionDenoiseVectorEnv", "Shard"]

@@ -12,6 +12,7 @@ Two front ends share one batched torch core (:class:`DenoiseCore`):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -35,10 +36,58 @@ START_MODES = ("shared", "per_sample")
 Denoiser = sampling.Denoiser
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a batch that several processes collect together (data-parallel training).
+
+    The *global* batch has ``num_envs × world_size`` episodes; the process of rank ``r`` holds the
+    episodes ``[r · num_envs, (r + 1) · num_envs)``. Every process keeps the same RNG state, draws the
+    randomness of the whole global batch (start step, references, initial noise) and keeps its
+    slice, so that the union of the shards is exactly the batch one process with
+    ``num_envs × world_size`` envs would collect. HRF-D probes and model-sampled references are split
+    across the processes and their results gathered with ``all_gather``; the env's state is the
+    global batch's, so that a checkpoint resumes under any number of processes.
+
+    The environment library knows nothing of ``torch.distributed``: the trainer passes the
+    collective in.
+
+    Args:
+        rank: this process's index in ``[0, world_size)``.
+        world_size: number of processes sharing the batch.
+        all_gather: ``all_gather(t)`` returns every process's ``t`` concatenated along dim 0 in rank
+            order (first dims may differ); every process must call it together.
+    """
+
+    rank: int
+    world_size: int
+    all_gather: Callable[[Tensor], Tensor]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"shard world_size must be an int >= 1, got {self.world_size!r}")
+        if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"shard rank must be an int in [0, {self.world_size - 1}], got {self.rank!r}")
+        if not callable(self.all_gather):
+            raise TypeError(f"shard all_gather must be callable, got {self.all_gather!r}")
+
+    def block(self, n: int) -> slice:
+        """This process's rows of a global batch of ``n = world_size × m`` rows (contiguous blocks of ``m``)."""
+        m = n // self.world_size
+        return slice(self.rank * m, (self.rank + 1) * m)
+
+    def part(self, n: int) -> slice:
+        """This process's rows when ``n`` items (not necessarily divisible) are split as evenly as possible."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+
 class DenoiseCore:
     """The batched state machine behind both envs: ``B`` episodes as torch tensors on one device.
 
-    Args mirror :class:`DiffusionDenoiseEnv` (see there), plus ``num_envs`` (``B``).
+    Args mirror :class:`DiffusionDenoiseEnv` (see there), plus ``num_envs`` (``B``) and ``shard``
+    (a :class:`Shard`: this core holds ``B`` episodes of a global batch of ``B × world_size``; needs
+    ``start_mode="shared"``).
     """
 
     def __init__(
@@ -59,16 +108,26 @@ class DenoiseCore:
         device: str | torch.device = "cpu",
         reward_kwargs: dict[str, Any] | None = None,
         window_kwargs: dict[str, Any] | None = None,
+        shard: Shard | None = None,
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
         if start_mode not in START_MODES:
             raise ValueError(f"unknown start_mode {start_mode!r}; valid choices: {list(START_MODES)}")
+        if shard is not None and not isinstance(shard, Shard):
+            raise TypeError(f"shard must be a diffusion_gym.envs.Shard or None, got {shard!r}")
+        if shard is not None and start_mode != "shared":
+            raise ValueError(
+                f"a sharded env needs start_mode='shared' (got {start_mode!r}): episodes of a shared-start "
+                "batch end together, so every process resets the same global batch at the same step"
+            )
+        self.shard = shard
         for name, value in (("samples_per_reference", samples_per_reference), ("probe_size", probe_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.device = torch.device(device)
         self.num_envs = num_envs
+        self.global_num_envs = num_envs * (shard.world_size if shard is not None else 1)
         self.start_mode = start_mode
         self.samples_per_reference = samples_per_reference
         self.probe_size = probe_size
@@ -127,18 +186,40 @@ class DenoiseCore:
 
     def _sample_from_model(self, n: int, conditions: Tensor | None, generator: torch.Generator) -> Tensor:
         x = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
-        return sampling.run_chain(self.denoiser, x, self.schedule, conditions, generator=generator)
+        if self.shard is None:
+            return sampling.run_chain(self.denoiser, x, self.schedule, conditions, generator=generator)
+        # Split the chains across processes; each draws the whole batch's policy noise (as run_chain
+        # would) and keeps its rows, so the gathered images equal the unsharded ones.
+        part = self.shard.part(n)
+        x = x[part]
+        c = conditions[part] if conditions is not None else None
+        for k in range(self.num_steps):
+            z = torch.randn((n, *self.sample_shape), generator=generator)[part].to(self.device)
+            t = sampling.timestep_at(k, self.schedule).to(self.device).expand(x.shape[0])
+            x = sampling.denoise_step(self.denoiser(x, t, c), x, k, self.schedule, noise=z).x_prev
+        return self.shard.all_gather(x)
 
     def probe(self, references: Tensor, conditions: Tensor, noise: Tensor) -> Callable[[int], ProbeResult]:
-        """HRF-D's probe: ``probe(k)`` noises ``references`` to ``k`` and denoises deterministically."""
+        """HRF-D's probe: ``probe(k)`` noises ``references`` to ``k`` and denoises deterministically.
+
+        With a :class:`Shard`, each process denoises and scores its part of the references and the
+        results are gathered: every process gets the whole probe's rewards and images.
+        """
+        part = slice(None) if self.shard is None else self.shard.part(references.shape[0])
+        references, conditions, noise = references[part], conditions[part], noise[part]
 
         def run(k: int) -> ProbeResult:
-            if k >= self.num_steps:
+            if references.shape[0] == 0:  # more processes than probe references: nothing to do here
+                images, rewards = references, torch.zeros(0, device=self.device)
+            elif k >= self.num_steps:
                 images = references
             else:
                 x = sampling.add_noise(references, noise, k, self.probe_schedule)
                 images = sampling.run_chain(self.denoiser, x, self.probe_schedule, self._cond(conditions), start=k)
-            rewards = self.reward_fn(sampling.to_unit_range(images), self._cond(conditions))
+            if references.shape[0] > 0:
+                rewards = self.reward_fn(sampling.to_unit_range(images), self._cond(conditions))
+            if self.shard is not None:
+                images, rewards = self.shard.all_gather(images), self.shard.all_gather(rewards.float())
             return ProbeResult(rewards=rewards, images=images)
 
         return run
@@ -154,9 +235,15 @@ class DenoiseCore:
         start_step: int | None = None,
         condition: int | None = None,
     ) -> None:
-        """Start new episodes for the envs in ``indices`` (default: all, a new batch)."""
+        """Start new episodes for the envs in ``indices`` (default: all, a new batch).
+
+        With a :class:`Shard`, the draws are those of the whole global batch and this core keeps its
+        block, so ``indices`` must be all envs (a shared-start batch ends everywhere at once).
+        """
         idx = np.arange(self.num_envs) if indices is None else np.asarray(indices)
-        n = len(idx)
+        if self.shard is not None and len(idx) != self.num_envs:
+            raise ValueError(f"a sharded env starts whole batches only: got {len(idx)} of {self.num_envs} env indices")
+        n = len(idx) * (self.shard.world_size if self.shard is not None else 1)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         probe = None
         if start_step is None and self.window.needs_probe:
@@ -199,6 +286,9 @@ class DenoiseCore:
             c, group = c.to(self.device), torch.full((n,), -1, dtype=torch.long, device=self.device)
         if condition is not None:
             c = torch.full_like(c, int(condition))
+        if self.shard is not None:  # keep this process's block of the global batch
+            mine = self.shard.block(n)
+            x, k0, c, group, steps = x[mine], k0[mine], c[mine], group[mine], steps[mine]
         t_idx = torch.from_numpy(idx).to(self.device)
         self.x[t_idx] = x.to(self.x.dtype)
         self.k[t_idx], self.k0[t_idx], self.c[t_idx], self.group[t_idx] = k0, k0, c.long(), group
@@ -270,30 +360,42 @@ class DenoiseCore:
         self._episodes_since_batch = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a checkpoint needs to continue exactly: window, counters and the open episodes."""
+        """Everything a checkpoint needs to continue exactly: window, counters and the open episodes.
+
+        With a :class:`Shard` the episodes are gathered from all processes (every process must call
+        this together): the state is the global batch's, independent of the number of processes.
+        """
+        episodes = {name: getattr(self, name).clone() for name in ("x", "k", "k0", "c", "group")}
+        k_host = torch.from_numpy(self.k_host.copy())
+        if self.shard is not None:
+            episodes = {name: self.shard.all_gather(value) for name, value in episodes.items()}
+            k_host = self.shard.all_gather(k_host.to(self.device))
         return {
             "window": self.window.state_dict(),
             "next_group": self._next_group,
             "episodes_since_batch": self._episodes_since_batch,
             "started": self.started,
-            "episodes": {name: getattr(self, name).cpu().clone() for name in ("x", "k", "k0", "c", "group")},
-            "k_host": self.k_host.copy(),
+            "episodes": {name: value.cpu() for name, value in episodes.items()},
+            "k_host": k_host.cpu().numpy(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (same ``num_envs`` and sample shape)."""
+        """Restore :meth:`state_dict` (same global batch size and sample shape; a sharded core takes its block)."""
+        mine = self.shard.block(self.global_num_envs) if self.shard is not None else slice(None)
+        for name, value in state["episodes"].items():
+            expected = (self.global_num_envs, *getattr(self, name).shape[1:])
+            if value.shape != expected:
+                raise ValueError(
+                    f"saved env state has {name} of shape {tuple(value.shape)}, this env needs {expected} "
+                    "(num_envs or model changed?)"
+                )
         self.window.load_state_dict(state["window"])
         self._next_group = int(state["next_group"])
         self._episodes_since_batch = int(state["episodes_since_batch"])
         self.started = bool(state["started"])
         for name, value in state["episodes"].items():
-            if value.shape != getattr(self, name).shape:
-                raise ValueError(
-                    f"saved env state has {name} of shape {tuple(value.shape)}, this env needs "
-                    f"{tuple(getattr(self, name).shape)} (num_envs or model changed?)"
-                )
-            setattr(self, name, value.to(self.device))
-        self.k_host = np.asarray(state["k_host"], dtype=np.int64).copy()
+            setattr(self, name, value[mine].to(self.device))
+        self.k_host = np.asarray(state["k_host"], dtype=np.int64)[mine].copy()
 
 
 _ENV_DOC_ARGS = """
@@ -320,6 +422,8 @@ _ENV_DOC_ARGS = """
         device: torch device of the model and (vector env) of all tensors.
         reward_kwargs: options of the reward factory.
         window_kwargs: options of the window (``iterations``, ``beta``, ``stride``, ``batches_per_iteration``…).
+        shard: (vector env) a :class:`Shard`: these ``num_envs`` episodes are one process's block of a
+            batch collected by ``world_size`` processes (data-parallel training); default: unsharded.
 """
 
 
