@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -179,7 +180,9 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
 
     def run(item: tuple[Path, list[str], Any]) -> None:
         run_dir, cmd, config = item
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir.exists():  # an interrupted run restarts from scratch (its logs would mix otherwise)
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
         tic = time.perf_counter()
         if study.jobs == 1:  # in this process: no interpreter start-up and model loading per run
             from .ppo_is.trainer import train
