@@ -109,6 +109,7 @@ class DenoiseCore:
         reward_kwargs: dict[str, Any] | None = None,
         window_kwargs: dict[str, Any] | None = None,
         shard: Shard | None = None,
+        info_x0: bool = False,
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
@@ -122,6 +123,10 @@ class DenoiseCore:
                 "batch end together, so every process resets the same global batch at the same step"
             )
         self.shard = shard
+        if not isinstance(info_x0, bool):
+            raise TypeError(f"info_x0 must be a bool, got {info_x0!r}")
+        self.info_x0 = info_x0
+        self.last_x0: Tensor | None = None
         for name, value in (("samples_per_reference", samples_per_reference), ("probe_size", probe_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -227,6 +232,19 @@ class DenoiseCore:
     def _cond(self, c: Tensor) -> Tensor | None:
         return c if self.num_classes is not None else None
 
+    @torch.no_grad()
+    def predict_x0(self) -> Tensor:
+        """The denoiser's x̂0 prediction at the current images (one denoiser call, no gradient).
+
+        ``x̂0 = sampling.predict_x0_eps(denoiser(x, t_k, c), x, k).x0`` (clipped as the scheduler is
+        configured): the ``x0`` of :func:`diffusion_gym.sampling.denoise_step` for a policy that uses
+        the env's denoiser. Returns ``(B, C, H, W)`` float32 on the device.
+        """
+        k = self.k.clamp(max=self.num_steps - 1)
+        t = self.schedule.timesteps.to(self.device)[k]
+        x0, _ = sampling.predict_x0_eps(self.denoiser(self.x, t, self._cond(self.c)), self.x, k, self.schedule)
+        return x0.float()
+
     # ----------------------------------------------------------------------------------- episodes
     def begin(
         self,
@@ -312,10 +330,12 @@ class DenoiseCore:
         """Apply ``actions`` (``x_prev`` for every env); return ``(rewards, terminated)``.
 
         ``rewards`` is a ``(B,)`` tensor (0 except at terminal steps, where it is ``r(x_0, c)``,
-        computed in one batched call); ``terminated`` is a host bool array.
+        computed in one batched call); ``terminated`` is a host bool array. With ``info_x0`` the
+        denoiser's x̂0 at the images being left is kept in :attr:`last_x0` (one denoiser call).
         """
         if not self.started or (self.k_host >= self.num_steps).any():
             raise RuntimeError("the episode has ended (or never started): call reset() before step()")
+        self.last_x0 = self.predict_x0() if self.info_x0 else None  # of the state the step leaves
         self.x = actions.to(device=self.device, dtype=self.x.dtype, copy=True)  # never alias the caller's memory
         self.k += 1
         self.k_host += 1
@@ -424,6 +444,12 @@ _ENV_DOC_ARGS = """
         window_kwargs: options of the window (``iterations``, ``beta``, ``stride``, ``batches_per_iteration``…).
         shard: (vector env) a :class:`Shard`: these ``num_envs`` episodes are one process's block of a
             batch collected by ``world_size`` processes (data-parallel training); default: unsharded.
+        info_x0: put ``info["x0"]``, the x̂0 (predicted clean image, ``[-1, 1]`` scale) of the step just
+            taken, in every step's info. The env receives only the action ``x_{t-1}``, and x̂0 cannot be
+            recovered from ``(x_t, x_{t-1})`` at a stochastic step, so the env computes it with its
+            ``denoiser`` at the image the step leaves: one extra denoiser call per step (no gradient).
+            It equals the policy's own ``denoise_step(...).x0`` when the policy is the env's denoiser
+            (``set_denoiser``). Default ``False``: no cost.
 """
 
 
@@ -493,7 +519,9 @@ class DiffusionDenoiseEnv(_CoreFrontEnd, gym.Env[dict[str, Any], np.ndarray]):
 
     ## Info
     ``start_step`` (``k_0``), ``step_index`` (``k`` of the current image), ``timestep``,
-    ``group`` (id of the reference image; −1 for pure noise) and, at the end, ``raw_reward``.
+    ``group`` (id of the reference image; −1 for pure noise), at the end, ``raw_reward`` and, with
+    ``info_x0=True``, after every step ``x0``: the denoiser's x̂0 at the image the step left
+    (``(C, H, W)`` float32 array; see ``info_x0`` below).
     {args}
     """
 
@@ -550,6 +578,8 @@ class DiffusionDenoiseEnv(_CoreFrontEnd, gym.Env[dict[str, Any], np.ndarray]):
         self.core.check_actions(tensor)
         rewards, terminated = self.core.advance(tensor)
         info = self._info()
+        if self.core.last_x0 is not None:
+            info["x0"] = self.core.last_x0[0].cpu().numpy()
         reward = float(rewards[0])
         if terminated[0]:
             info["raw_reward"] = reward
@@ -580,8 +610,10 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
     *new* episodes' first observations; the final ones are in ``info["final_obs"]`` (a dict of
     batched tensors) and ``info["final_info"]``, with the mask ``info["_final_obs"]``.
 
-    Info: ``start_step``, ``step_index``, ``group`` (``(B,)`` tensors) and ``raw_reward`` (with the
-    mask ``_raw_reward``) at terminal steps.
+    Info: ``start_step``, ``step_index``, ``group`` (``(B,)`` tensors), ``raw_reward`` (with the
+    mask ``_raw_reward``) at terminal steps and, with ``info_x0=True``, ``x0``: the ``(B, C, H, W)``
+    x̂0 of the step just taken by every env (for the envs that ended, of their last step; also in
+    ``final_info``).
 
     ``check_actions=False`` skips the NaN/bound checks (one device sync per step) on fast paths.
     {args}
@@ -645,6 +677,8 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
             core.check_actions(actions)
         rewards, terminated = core.advance(actions)
         info = self._info()
+        if core.last_x0 is not None:
+            info["x0"] = core.last_x0
         done = torch.from_numpy(terminated).to(self.device)
         if terminated.any():
             info["raw_reward"], info["_raw_reward"] = rewards.clone(), done.clone()
