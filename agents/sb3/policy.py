@@ -335,9 +335,9 @@ class WarmupSchedule:
     """
 
     def __init__(self, learning_rate: float, warmup_fraction: float) -> None:
-        if not (learning_rate > 0 and 0 <= warmup_fraction < 1):
+        if not (learning_rate > 0 and 0 <= warmup_fraction <= 1):
             raise ValueError(
-                f"need learning_rate > 0 and 0 <= warmup_fraction < 1, got {learning_rate!r}, {warmup_fraction!r}"
+                f"need learning_rate > 0 and 0 <= warmup_fraction <= 1, got {learning_rate!r}, {warmup_fraction!r}"
             )
         self.learning_rate, self.warmup_fraction = float(learning_rate), float(warmup_fraction)
 
