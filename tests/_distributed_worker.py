@@ -3,7 +3,7 @@
 It trains with :func:`agents.ppo_is.trainer.train` as ``diffusion-gym train`` would, then saves this
 rank's final weights and epoch statistics to ``<out>/rank<RANK>.pt`` (only rank 0 writes checkpoints,
 so the other ranks' weights are only visible this way). ``--die-rank R`` makes rank ``R`` send
-itself ``--die-signal`` when its first PPO update starts, while the others wait in a collective.
+itself ``--die-signal`` when it starts collecting its first batch, while the others wait in a collective.
 """
 
 from __future__ import annotations
@@ -18,6 +18,17 @@ import torch
 
 import agents.ppo_is.trainer as trainer
 from agents.ppo_is.config import load_config
+from diffusion_gym import rewards
+
+
+def brightness(images: torch.Tensor, conditions: object = None) -> torch.Tensor:
+    """Mean pixel value of each image in ``[0, 1]``."""
+    return images.float().mean(dim=(1, 2, 3))
+
+
+def register_reward() -> None:
+    """Register :func:`brightness` as the reward ``test_brightness``."""
+    rewards.register_reward("test_brightness", lambda **kwargs: brightness, overwrite=True)
 
 
 def main() -> None:
@@ -32,18 +43,19 @@ def main() -> None:
     parser.add_argument("--die-signal", default="SIGKILL", choices=["SIGKILL", "SIGSTOP"])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    register_reward()
     rank = int(os.environ.get("RANK", "0"))
 
     captured = {}
-    real_update = trainer.update
+    real_collect = trainer.collect
 
-    def update(policy, *rest, **kwargs):  # noqa: ANN001, ANN202 - a transparent spy
+    def collect(envs, policy, *rest, **kwargs):  # noqa: ANN001, ANN202 - a transparent spy
         captured["policy"] = policy
         if args.die_rank == rank:
             os.kill(os.getpid(), getattr(signal, args.die_signal))
-        return real_update(policy, *rest, **kwargs)
+        return real_collect(envs, policy, *rest, **kwargs)
 
-    trainer.update = update
+    trainer.collect = collect
     result = trainer.train(
         load_config(None, args.overrides),
         run_dir=args.run_dir,

@@ -240,3 +240,90 @@ def test_render_rgb_array(model):
     env.reset(seed=0)
     frame = env.render()
     assert frame.shape == (16, 16, 3) and frame.dtype == np.uint8
+
+
+class _ThreadGather:
+    """An in-process stand-in for torch.distributed's all-gather: one thread per rank."""
+
+    def __init__(self, world_size):
+        import threading
+
+        self.barrier = threading.Barrier(world_size, timeout=60)
+        self.slots = [None] * world_size
+
+    def for_rank(self, rank):
+        def all_gather(tensor):
+            self.slots[rank] = tensor
+            self.barrier.wait()
+            out = torch.cat(self.slots)
+            self.barrier.wait()
+            return out
+
+        return all_gather
+
+
+def _in_threads(fns):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(fns)) as pool:
+        return [f.result() for f in [pool.submit(fn) for fn in fns]]
+
+
+@pytest.mark.parametrize(
+    "window,references", [("full", None), ([(2, 3), (5, 7)], "digits"), ("hrf-d", "model")], ids=str
+)
+def test_sharded_envs_hold_blocks_of_the_unsharded_batch(model, window, references):
+    """Two shards of 4 envs = one env of 8: same draws (references, noise, conditions, groups),
+    the same HRF-D choice from split probes, and a global state that loads under any sharding."""
+    from diffusion_gym.envs import Shard
+
+    kwargs = dict(
+        model=model,
+        num_steps=K,
+        window=window,
+        window_kwargs={"stride": 3} if window == "hrf-d" else {},
+        references=references,
+        probe_size=3,  # split 2 + 1
+        samples_per_reference=3,  # the middle group straddles the shards
+        check_actions=False,
+    )
+
+    def run(env):
+        obs, info = env.reset(seed=3)
+        seen = [(obs, info)]
+        for _ in range(2 if window != "hrf-d" else 1):  # whole batches, each ending in an autoreset (a new probe)
+            for _ in range(int(env.steps_remaining()[0])):
+                obs, _, _, _, info = env.step(obs["x_t"] * 0.9)
+            seen.append((obs, info))
+        return seen, env.state_dict()
+
+    whole = DiffusionDenoiseVectorEnv(num_envs=8, **kwargs)
+    gather = _ThreadGather(2)
+    shards = [DiffusionDenoiseVectorEnv(num_envs=4, shard=Shard(r, 2, gather.for_rank(r)), **kwargs) for r in (0, 1)]
+    seen, expected = run(whole)
+    for r, (part, state) in enumerate(_in_threads([lambda e=e: run(e) for e in shards])):
+        block = slice(4 * r, 4 * r + 4)
+        for (obs, info), (o, i) in zip(seen, part, strict=True):
+            assert torch.equal(o["x_t"], obs["x_t"][block]) and torch.equal(o["c"], obs["c"][block])
+            assert torch.equal(i["start_step"], info["start_step"][block])
+            assert torch.equal(i["group"], info["group"][block])
+        for name, value in expected["core"]["episodes"].items():  # the state is the whole batch's
+            assert torch.equal(state["core"]["episodes"][name], value)
+        assert state["core"]["window"] == expected["core"]["window"] and state["np_random"] == expected["np_random"]
+    resharded = DiffusionDenoiseVectorEnv(num_envs=4, shard=Shard(1, 2, gather.for_rank(1)), **kwargs)
+    resharded.load_state_dict(expected)
+    assert torch.equal(resharded.observation()[0]["x_t"], whole.observation()[0]["x_t"][4:])
+    if window == "hrf-d":
+        assert whole.window.last_scores == shards[0].window.last_scores == shards[1].window.last_scores
+
+
+def test_shard_needs_shared_starts_and_whole_batches(model):
+    from diffusion_gym.envs import Shard
+
+    with pytest.raises(ValueError, match="start_mode='shared'"):
+        DiffusionDenoiseVectorEnv(num_envs=2, model=model, num_steps=K, start_mode="per_sample", shard=Shard(0, 2, id))
+    with pytest.raises(ValueError, match=r"shard rank must be an int in \[0, 1\], got 2"):
+        Shard(2, 2, id)
+    env = DiffusionDenoiseVectorEnv(num_envs=2, model=model, num_steps=K, shard=Shard(0, 2, id))
+    with pytest.raises(ValueError, match="whole batches only: got 1 of 2"):
+        env.core.begin(np.random.default_rng(0), indices=np.array([0]))

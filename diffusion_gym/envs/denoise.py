@@ -200,8 +200,9 @@ class DenoiseCore:
         c = conditions[part] if conditions is not None else None
         for k in range(self.num_steps):
             z = torch.randn((n, *self.sample_shape), generator=generator)[part].to(self.device)
-            t = sampling.timestep_at(k, self.schedule).to(self.device).expand(x.shape[0])
-            x = sampling.denoise_step(self.denoiser(x, t, c), x, k, self.schedule, noise=z).x_prev
+            if x.shape[0] > 0:  # (more processes than images: nothing to denoise here)
+                t = sampling.timestep_at(k, self.schedule).to(self.device).expand(x.shape[0])
+                x = sampling.denoise_step(self.denoiser(x, t, c), x, k, self.schedule, noise=z).x_prev
         return self.shard.all_gather(x)
 
     def probe(self, references: Tensor, conditions: Tensor, noise: Tensor) -> Callable[[int], ProbeResult]:
@@ -215,16 +216,15 @@ class DenoiseCore:
 
         def run(k: int) -> ProbeResult:
             if references.shape[0] == 0:  # more processes than probe references: nothing to do here
-                images, rewards = references, torch.zeros(0, device=self.device)
-            elif k >= self.num_steps:
-                images = references
+                images, rewards = references, torch.zeros(0, dtype=torch.float64, device=self.device)
             else:
-                x = sampling.add_noise(references, noise, k, self.probe_schedule)
-                images = sampling.run_chain(self.denoiser, x, self.probe_schedule, self._cond(conditions), start=k)
-            if references.shape[0] > 0:
+                images = references
+                if k < self.num_steps:
+                    x = sampling.add_noise(references, noise, k, self.probe_schedule)
+                    images = sampling.run_chain(self.denoiser, x, self.probe_schedule, self._cond(conditions), start=k)
                 rewards = self.reward_fn(sampling.to_unit_range(images), self._cond(conditions))
-            if self.shard is not None:
-                images, rewards = self.shard.all_gather(images), self.shard.all_gather(rewards.float())
+            if self.shard is not None:  # float64 on every process: exact for float32 and float64 rewards
+                images, rewards = self.shard.all_gather(images), self.shard.all_gather(rewards.double())
             return ProbeResult(rewards=rewards, images=images)
 
         return run
