@@ -55,7 +55,7 @@ TINY = [
     "env.probe_size=5",  # split 3 + 2 across the processes
     "keep_checkpoints=2",
 ]
-TOLERANCE = 1e-5
+TOLERANCE = 3e-5  # measured 7e-6 (2 epochs, 2 processes vs 1); the weights move by ~4e-3
 
 
 def _free_port() -> int:
@@ -183,7 +183,7 @@ def test_two_processes_train_like_one(one_process, two_processes):
     diff = _max_diff(one, two)
     print(f"max |w_1proc - w_2proc| = {diff:.3g} (the weights moved by {moved:.3g})")
     assert diff < TOLERANCE
-    assert moved > 100 * TOLERANCE  # training did move the weights
+    assert moved > 50 * TOLERANCE  # training did move the weights
     for a, b in zip(single.epochs, rank0["epochs"], strict=True):
         assert a.start_steps == b["start_steps"]  # the same HRF-D choice: every batch starts at the same step
         assert a.num_pairs == b["num_pairs"] > 0
