@@ -1,0 +1,131 @@
+"""VARD: the value fits a reward with a known answer; fine-tuning with it raises the reward; configs load."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.common.checkpoint import latest_checkpoint, load_checkpoint
+from agents.ppo_is.config import ConfigError
+from agents.vard.config import VardConfig, load_vard_config
+from agents.vard.trainer import _kl_to_reference, train
+from agents.vard.value import ValueData, ValueNetwork, explained_variance, fit_value, state_timesteps
+from diffusion_gym import sampling
+from diffusion_gym.digits import load_digits_dataset
+from diffusion_gym.models import load_model
+from diffusion_gym.rewards import register_reward
+
+CONFIGS = Path(__file__).resolve().parents[1] / "envs_configs"
+
+
+def _brightness_factory():
+    def mean_brightness(images, conditions=None):
+        return images.mean(dim=(1, 2, 3))
+
+    return mean_brightness
+
+
+register_reward("test_mean_brightness", _brightness_factory, overwrite=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: one thread is as fast on quiet cores and far faster on busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _noisy_digits(n, schedule, steps, generator):
+    """Digits at random brightness scales, noised to random step indices in ``steps`` (K = clean)."""
+    images, labels = load_digits_dataset()
+    pick = torch.randint(len(images), (n,), generator=generator)
+    x0 = images[pick] * (0.2 + 0.8 * torch.rand(n, 1, 1, 1, generator=generator))  # [0, 1]
+    target = x0.mean(dim=(1, 2, 3))  # the known answer: mean brightness of the clean image
+    x0 = x0 * 2 - 1
+    k = torch.tensor(steps)[torch.randint(len(steps), (n,), generator=generator)]
+    K = schedule.num_steps
+    noised = sampling.add_noise(x0, torch.randn(x0.shape, generator=generator), k.clamp(max=K - 1), schedule)
+    x = torch.where((k == K).view(-1, 1, 1, 1), x0, noised)
+    return ValueData(x=x, t=state_timesteps(schedule)[k], k=k, c=labels[pick], target=target)
+
+
+def test_value_fits_a_synthetic_reward_better_than_the_constant_baseline():
+    torch.manual_seed(0)
+    _, scheduler = load_model("embedded:digits")
+    schedule = sampling.make_schedule(scheduler, 10)
+    g = torch.Generator().manual_seed(0)
+    steps = [7, 8, 9, 10]  # near the end of the chain (and the clean image): x_t determines r(x_0)
+    train_data, test_data = _noisy_digits(768, schedule, steps, g), _noisy_digits(256, schedule, steps, g)
+    value = ValueNetwork(1, num_classes=10, width=16)
+    assert explained_variance(value, test_data) < 0.2  # untrained: no better than a constant
+    opt = torch.optim.Adam(value.parameters(), lr=2e-3)
+    fitted = fit_value(value, opt, train_data, num_steps=250, batch_size=64, generator=g)
+    assert fitted["explained_variance"] > 0.9
+    held_out = explained_variance(value, test_data)
+    mse = (value(test_data.x, test_data.t, test_data.c) - test_data.target).pow(2).mean()
+    baseline = (train_data.target.mean() - test_data.target).pow(2).mean()  # the constant predictor
+    assert held_out > 0.9 and mse < 0.1 * baseline, (held_out, mse.item(), baseline.item())
+    # normalised units: the head predicts (r − mean) / std of the data it was fit on
+    assert value.target_std.item() == pytest.approx(train_data.target.std().item(), rel=1e-5)
+
+
+def test_value_gradient_reaches_the_image():
+    value = ValueNetwork(1, num_classes=None, width=8, depth=1)
+    x = torch.randn(3, 1, 16, 16, requires_grad=True)
+    value(x, torch.tensor([900, 10, -25])).sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="class-conditional"):
+        ValueNetwork(1, num_classes=10)(x, torch.zeros(3))
+
+
+def test_kl_to_reference_known_values():
+    mean, ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    std = torch.tensor([0.5, 0.0]).view(2, 1, 1, 1)
+    torch.testing.assert_close(_kl_to_reference(mean, ref, std), torch.tensor([2.0, 0.0]))  # 1/(2·0.25); σ=0 → 0
+
+
+def test_vard_raises_a_reward_on_the_embedded_model_and_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    config = VardConfig.model_validate(
+        {
+            "num_epochs": 3,
+            "sample": {"num_steps": 8, "num_envs": 16, "num_batches_per_epoch": 1},
+            "env": {"reward": "test_mean_brightness"},
+            "value": {"width": 16, "warmup_steps": 80, "steps_per_epoch": 20, "batch_size": 64},
+            "train": {"updates_per_epoch": 3, "batch_size": 32, "learning_rate": 3e-4, "kl_coef": 0.01},
+            "eval": {"num_samples": 32, "every": 3},
+        }
+    )
+    result = train(config, run_dir=tmp_path / "run", progress=False)
+    base, final = result.base_eval, result.final_eval
+    assert final.mean > base.mean + 2 * max(base.std, final.std), (base, final)  # paired fixed noise
+    assert all(e.value_explained_variance > 0.5 for e in result.epochs), result.epochs
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert ckpt.epoch == 2 and "value" in ckpt.extra_weights and ckpt.state["algo"] == "vard"
+    assert (ckpt.path / "model_index.json").is_file()  # a pipeline folder: `diffusion-gym sample` reads it
+    load_model(str(ckpt.path))
+
+
+@pytest.mark.parametrize("name", ["digits_vard_jpeg_compressibility", "digits_vard_jpeg_incompressibility"])
+def test_vard_configs_load_and_list_every_field(name):
+    path = CONFIGS / f"{name}.yaml"
+    config = load_vard_config(path)
+    assert config.env.reward == name.split("vard_")[1]
+    text = path.read_text()
+    for section in ("sample", "env", "value", "train", "eval"):
+        for key in type(getattr(config, section)).model_fields:
+            assert f"  {key}:" in text, f"{section}.{key} missing from {path.name}"
+    with pytest.raises(ConfigError, match="value.widht"):
+        load_vard_config(path, ["value.widht=3"])
+
+
+def test_renormalization_preserves_the_value():
+    value = ValueNetwork(1, num_classes=None, width=8, depth=1)
+    value.set_normalization(torch.tensor([0.0, 1.0, 2.0]))
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([900, 500, 10, -25])
+    before = value(x, t)
+    value.set_normalization(torch.tensor([10.0, 30.0]))  # the reward moved: new units, same predictions
+    assert value.target_mean.item() == 20.0
+    torch.testing.assert_close(value(x, t), before, atol=1e-4, rtol=1e-5)
