@@ -125,11 +125,13 @@ class Timings:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.items: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
+        self.added: list[str] = []  # stages of the items recorded by this process, in order
 
-    def add(self, stage: str, name: str, seconds: float) -> None:
-        """Record (or replace) one item's runtime."""
+    def add(self, stage: str, name: str, seconds: float, **extra: Any) -> None:
+        """Record (or replace) one item's runtime; stage ``wall`` holds a whole stage's wall-clock time."""
         self.items = [t for t in self.items if (t["stage"], t["name"]) != (stage, name)]
-        self.items.append({"stage": stage, "name": name, "seconds": round(seconds, 2)})
+        self.items.append({"stage": stage, "name": name, "seconds": round(seconds, 2), **extra})
+        self.added.append(stage)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.items, indent=1))
         tmp.replace(self.path)
@@ -293,10 +295,19 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
     out = Path(study.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings = Timings(out / "timings.json")
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     log(f"study {config_path}: {len(study.methods)} methods × {len(study.rewards)} rewards × {len(study.seeds)} seeds")
+
+    def timed(stage: str, fn: Any, *args: Any) -> Any:
+        """Run a stage; its wall-clock time is recorded when it did any work."""
+        before = len(timings.added)
+        tic, start = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        value = fn(*args)
+        if stage in timings.added[before:]:  # skipped stages keep their old time
+            timings.add("wall", stage, time.perf_counter() - tic, start=start)
+        return value
+
     if "train" in wanted:
-        runs = train_stage(study, out, timings, log)
+        runs = timed("train", train_stage, study, out, timings, log)
     else:
         runs = {
             (m, r, s): out / "runs" / _run_name(m, r, s)
@@ -305,8 +316,8 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
             for s in study.seeds
         }
     if "evaluate" in wanted:
-        evaluate_stage(study, runs, out, timings, log)
-    injections = injection_stage(study, runs, out, timings, log) if "injection" in wanted else {}
+        timed("evaluate", evaluate_stage, study, runs, out, timings, log)
+    injections = timed("injection", injection_stage, study, runs, out, timings, log) if "injection" in wanted else {}
     if "report" not in wanted:
         return out
     from .report import write_report
@@ -318,7 +329,9 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
         else "diffusion-gym paper --config " + shlex.quote(str(config_path))
     )
     header = [
-        f"Produced by `{command}` (study config `{config_path}`), report written {started}.",
+        f"Produced by `{command}` (study config `{config_path}`); stages started "
+        + ", ".join(f"{t['name']} {t['start']}" for t in timings.items if t["stage"] == "wall" and "start" in t)
+        + f"; report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Machine: {machine_description()}.",
     ]
     report_dir = Path(study.report_dir)

@@ -316,6 +316,32 @@ def plot_injection(injections: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def runtime_table(timings: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows ``stage, items, summed item seconds, wall-clock`` from a study's ``timings.json``."""
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    walls = {t["name"]: t["seconds"] for t in timings if t["stage"] == "wall"}
+    for t in timings:
+        if t["stage"] != "wall":
+            totals[t["stage"]] += t["seconds"]
+            counts[t["stage"]] += 1
+    rows = [["stage", "items", "item seconds (sum)", "wall-clock"]]
+    for stage, seconds in totals.items():
+        wall = f"{walls[stage]:.0f} s ({walls[stage] / 60:.1f} min)" if stage in walls else "—"
+        rows.append([stage, str(counts[stage]), f"{seconds:.0f}", wall])
+    if walls:
+        total = sum(walls.values())
+        rows.append(
+            [
+                "**total**",
+                str(sum(counts.values())),
+                f"{sum(totals.values()):.0f}",
+                f"{total:.0f} s ({total / 60:.1f} min)",
+            ]
+        )
+    return rows
+
+
 def write_report(
     paths: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -367,7 +393,12 @@ def write_report(
     ]
     for name, title_, digits in (("reward", "reward", 4), ("is", "IS", 3), ("vendi_pixel", "Vendi pixels", 3)):
         lines += [f"{title_}:", "", markdown_table(study.table(name, digits, by="method")), ""]
-    lines += ["## The paper's claims on these numbers", "", markdown_table(study.claims()), ""]
+    claims = study.claims()
+    failed = [f"{row[0]}: {row[1]}" for row in claims[1:] if row[2] != "yes"]
+    lines += ["## The paper's claims on these numbers", "", markdown_table(claims), ""]
+    if len(claims) > 1:
+        verdict = f"{len(claims) - 1 - len(failed)} of {len(claims) - 1} checks hold on this model."
+        lines += [verdict + (" Not reproduced: " + "; ".join(failed) + "." if failed else ""), ""]
     lines += [*notes, ""] if notes else []
     fig5 = plot_reward_vs_vendi(study, out / "fig5_reward_vs_vendi.png")
     lines += ["## Figures", "", f"![Reward vs Vendi]({fig5.name})", ""]
@@ -383,16 +414,12 @@ def write_report(
                 rows.append([task, s, f"{d['final_to_finetuned'][s]:.4f}", f"{d['final_to_base'][s]:.4f}"])
         lines += [markdown_table(rows), ""]
     if timings:
-        totals: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
-        for t in timings:
-            totals[t["stage"]] += t["seconds"]
-            counts[t["stage"]] += 1
-        rows = [["stage", "items", "seconds", "minutes"]]
-        rows += [[s, str(counts[s]), f"{v:.0f}", f"{v / 60:.1f}"] for s, v in totals.items()]
-        total = sum(totals.values())
-        rows.append(["**total**", str(sum(counts.values())), f"{total:.0f}", f"{total / 60:.1f}"])
-        lines += ["## Runtime of each stage", "", markdown_table(rows), ""]
+        lines += ["## Runtime of each stage", "", markdown_table(runtime_table(timings)), ""]
+        lines += [
+            "Item seconds are summed over the stage's runs or models (runs may overlap when the study trains "
+            "several at once); wall-clock is the stage's elapsed time.",
+            "",
+        ]
     path = out / "report.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")

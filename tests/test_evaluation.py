@@ -118,9 +118,11 @@ def test_report_tables_aggregate_over_seeds_and_check_claims(tmp_path):
     assert claims["HRF reward on par with or above DDPO (within 2 SE)"] == "**no**"
     assert claims["HRF-D reward on par with or above DDPO (within 2 SE)"] == "yes"
     assert claims["HRF-D Vendi (pixels) closer to Base than DDPO's"] == "yes"
-    path = write_report([tmp_path], tmp_path / "out", timings=[{"stage": "train", "name": "a", "seconds": 60}])
-    text = path.read_text()
-    assert "## Table 1: reward" in text and "| **total** | 1 | 60 | 1.0 |" in text
+    timings = [{"stage": "train", "name": n, "seconds": 60} for n in "ab"] + [
+        {"stage": "wall", "name": "train", "seconds": 90}
+    ]
+    text = write_report([tmp_path], tmp_path / "out", timings=timings).read_text()
+    assert "## Table 1: reward" in text and "| train | 2 | 120 | 90 s (1.5 min) |" in text
     assert (tmp_path / "out" / "fig5_reward_vs_vendi.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="no evaluation JSON"):
         load_results([tmp_path / "out"])
