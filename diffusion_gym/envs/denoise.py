@@ -189,6 +189,7 @@ class DenoiseCore:
             raise TypeError(f"denoiser must be a UNet module or a callable (x, t, c) -> output, got {denoiser!r}")
         self.denoiser: Denoiser = denoiser
 
+    @torch.no_grad()
     def _sample_from_model(self, n: int, conditions: Tensor | None, generator: torch.Generator) -> Tensor:
         x = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
         if self.shard is None:
