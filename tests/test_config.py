@@ -13,7 +13,8 @@ from diffusion_gym.rewards import available_rewards
 from diffusion_gym.windows import PRESETS, make_window
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "envs_configs"
-YAMLS = sorted(CONFIG_DIR.glob("*.yaml"))
+# PPO-IS configs; the study (paper_*.yaml, agents/paper.py) and other agents' configs have their own schemas
+YAMLS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("paper_") and "_vard_" not in p.name)
 DIGITS_METHODS = ("ddpo", "hrf", "hrf-early", "hrf-later", "hrf-d")
 DIGITS_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
 PAPER_METHODS = ("ddpo", "hrf", "hrf-d")
