@@ -84,6 +84,9 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights for evaluation/saving (0: off)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning)")
     lora_alpha: float = Field(0.0, ge=0, description="LoRA alpha (0: = rank)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute UNet activations in the backward pass: less memory, ~1 more forward"
+    )
 
     @model_validator(mode="after")
     def _min_count_fits(self) -> TrainConfig:
@@ -108,11 +111,19 @@ class Config(_Section):
     seed: int = Field(0, description="seed of everything")
     device: str = Field("cpu", description="torch device")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast for the UNet")
+    channels_last: bool = Field(False, description="UNet weights and inputs in the channels_last memory format")
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune"] = Field(
+        "no", description="torch.compile mode of the UNet forward (no: eager)"
+    )
+    policy_noise: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="rollout noise from the CPU generator (same on every device) or a generator on the device",
+    )
     dist_timeout_s: float = Field(
         1800.0, gt=0, description="torchrun: seconds a process waits for the others before failing"
     )
 
-    @field_validator("mixed_precision", mode="before")
+    @field_validator("mixed_precision", "compile", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as False

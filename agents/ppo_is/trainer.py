@@ -142,19 +142,59 @@ def _make_env(
     )
 
 
+def policy_noise_sampler(
+    envs: DiffusionDenoiseVectorEnv, generator: torch.Generator, where: str = "cpu"
+) -> Callable[[], torch.Tensor]:
+    """A callable drawing one rollout step's standard-normal policy noise ``(num_envs, C, H, W)`` on the env's device.
+
+    A sharded env's process draws the noise of the whole global batch and keeps its block, so the
+    batch is the same under any number of processes.
+
+    Args:
+        envs: the vector env (its device, batch and sample shape).
+        generator: the trainer's CPU generator.
+        where: ``"cpu"`` draws from ``generator`` itself: the same numbers on every device (a run on a
+            GPU repeats a CPU run's trajectories up to float rounding); on a CUDA env the draw goes to
+            pinned memory and is copied without blocking, so the host never waits for the GPU, but
+            the host still spends the time of one ``randn`` of the batch per step. ``"device"`` draws
+            on the env's device from a generator seeded once per call from ``generator`` (which keeps
+            resumed runs exact): no host work and no copy per step, but the numbers depend on the
+            device's RNG (CUDA's Philox is not the CPU's Mersenne Twister), so runs repeat only on the
+            same kind of device.
+
+    Raises:
+        ValueError: for an unknown ``where``.
+    """
+    if where not in ("cpu", "device"):
+        raise ValueError(f"unknown policy noise source {where!r}; valid choices: ['cpu', 'device']")
+    core = envs.core
+    shape = (core.global_num_envs, *core.sample_shape)
+    rows = core.shard.block(shape[0]) if core.shard is not None else slice(None)
+    if where == "device":
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        device_generator = torch.Generator(device=envs.device).manual_seed(seed)
+        return lambda: torch.randn(shape, generator=device_generator, device=envs.device)[rows]
+    pinned = envs.device.type == "cuda"
+    return lambda: torch.randn(shape, generator=generator, pin_memory=pinned)[rows].to(envs.device, non_blocking=pinned)
+
+
 def collect(
     envs: DiffusionDenoiseVectorEnv,
     policy: DiffusionPolicy,
     buffer: RolloutBuffer,
     num_batches: int,
     generator: torch.Generator,
+    noise: str = "cpu",
 ) -> None:
     """Roll out ``num_batches`` batches of whole episodes into ``buffer`` (no grad).
 
-    A sharded env's process draws the policy noise of the whole global batch and keeps its block.
+    Between resets the step loop never waits for the device: step indices are mirrored on the host,
+    actions and log-probs stay on the device, the env copies nothing to it on plain steps, and the
+    policy noise comes from :func:`policy_noise_sampler` (``noise``: ``"cpu"`` or ``"device"``, see
+    there). The reward and the autoreset at the end of a batch do synchronise.
     """
     deterministic = policy.schedule.deterministic.cpu().numpy()  # host copy: no device sync per step
-    shard = envs.core.shard
+    draw_noise = policy_noise_sampler(envs, generator, noise)
     obs, info = envs.observation()
     for _ in range(num_batches):
         traj = buffer.start_batch(obs["c"], info["group"], info["start_step"])
@@ -162,12 +202,7 @@ def collect(
         for _ in range(int(envs.steps_remaining().max())):
             k = info["step_index"]
             c = obs["c"] if policy.conditional else None
-            if shard is None:
-                z = torch.randn(obs["x_t"].shape, generator=generator).to(envs.device)
-            else:
-                shape = (envs.core.global_num_envs, *obs["x_t"].shape[1:])
-                z = torch.randn(shape, generator=generator)[shard.block(shape[0])].to(envs.device)
-            step = policy.act(obs["x_t"], k, c, noise=z)
+            step = policy.act(obs["x_t"], k, c, noise=draw_noise())
             k_host = int(envs.core.num_steps - envs.steps_remaining()[0])  # shared start: one step for all
             if not deterministic[k_host]:
                 buffer.add(obs["x_t"], step.x_prev, k, obs["c"], step.log_prob, traj)
@@ -448,12 +483,16 @@ def _train(
         loaded.scheduler, config.sample.num_steps, eta=config.sample.eta, device=config.device
     )
     autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None
-    policy = DiffusionPolicy(loaded.unet, schedule, autocast_dtype=autocast)
+    fast = {"channels_last": config.channels_last, "compile": config.compile}
+    policy = DiffusionPolicy(
+        loaded.unet, schedule, autocast, gradient_checkpointing=config.train.gradient_checkpointing, **fast
+    )
     reference = None
     if config.train.kl_coef > 0:
-        reference = DiffusionPolicy(copy.deepcopy(loaded.unet).requires_grad_(False), schedule, autocast)
+        reference = DiffusionPolicy(copy.deepcopy(loaded.unet).requires_grad_(False), schedule, autocast, **fast)
     if config.train.lora_rank > 0:
         add_lora(policy.unet, config.train.lora_rank, config.train.lora_alpha or None)
+        policy.ensure_memory_format()
     envs = _make_env(config, policy, loaded, dist)
     shard = envs.core.shard
     num_batches = config.sample.num_batches_per_epoch
@@ -516,7 +555,7 @@ def _train(
         tic = time.perf_counter()
         buffer = RolloutBuffer(config.device)
         policy.eval()
-        collect(envs, policy, buffer, num_batches, generator)
+        collect(envs, policy, buffer, num_batches, generator, config.policy_noise)
         batch = _gather_trajectories(buffer, dist, num_batches)
         rewards = batch["rewards"]
         advantages = compute_advantages(

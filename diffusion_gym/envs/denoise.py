@@ -680,7 +680,10 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
         info = self._info()
         if core.last_x0 is not None:
             info["x0"] = core.last_x0
-        done = torch.from_numpy(terminated).to(self.device)
+        if terminated.all() or not terminated.any():  # no host-to-device copy (a stream sync) on plain steps
+            done = torch.full((self.num_envs,), bool(terminated.all()), device=self.device)
+        else:
+            done = torch.from_numpy(terminated).to(self.device)
         if terminated.any():
             info["raw_reward"], info["_raw_reward"] = rewards.clone(), done.clone()
             info["final_obs"], info["final_info"] = core.observation(), dict(info)
