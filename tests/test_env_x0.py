@@ -16,6 +16,15 @@ def model():
     return load_model("embedded:digits")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The embedded UNet is tiny: one thread is as fast on quiet cores and far faster on busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class CountingDenoiser:
     """The base UNet as a denoiser that counts its calls."""
 

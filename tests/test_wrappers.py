@@ -21,6 +21,15 @@ def model():
     return load_model("embedded:digits")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The embedded UNet is tiny: one thread is as fast on quiet cores and far faster on busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def single_potential(obs):
     """An arbitrary state function: depends on the image, the timestep and the condition."""
     return float(np.tanh(obs["x_t"]).mean() * 3 + obs["t"] / 500 - 0.1 * obs["c"])

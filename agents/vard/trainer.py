@@ -56,7 +56,15 @@ from ..common.checkpoint import (
 )
 from ..common.policy import DiffusionPolicy
 from .config import VardConfig, dump_vard_config
-from .value import ValueBuffer, ValueData, ValueNetwork, collect_value_data, fit_value, state_timesteps
+from .value import (
+    ValueBuffer,
+    ValueData,
+    ValueNetwork,
+    collect_value_data,
+    explained_variance,
+    fit_value,
+    state_timesteps,
+)
 
 __all__ = ["VardEpochStats", "VardResult", "evaluate_policy", "policy_update", "train"]
 
@@ -70,6 +78,9 @@ class VardEpochStats:
     reward_std: float
     value_loss: float
     value_explained_variance: float
+    """In-sample: over the regression set, after fitting."""
+    value_heldout_explained_variance: float
+    """Out-of-sample: over this epoch's fresh rollouts, before fitting on them (NaN in the first epoch)."""
     objective: float
     value_gain: float
     kl_to_reference: float
@@ -330,6 +341,7 @@ def train(
         tic = time.perf_counter()
         policy.eval()
         data, rewards = collect_value_data(envs, policy, config.sample.num_batches_per_epoch, generator)
+        heldout = explained_variance(value, data) if bool(value.initialized) else float("nan")
         buffer.add(data)
         steps = v.steps_per_epoch + (v.warmup_steps if epoch == 0 else 0)
         fitted = fit_value(value, value_opt, buffer.data(), steps, v.batch_size, generator, v.max_grad_norm)
@@ -345,6 +357,7 @@ def train(
             reward_std=rewards.std().item() if rewards.numel() > 1 else 0.0,
             value_loss=fitted["loss"],
             value_explained_variance=fitted["explained_variance"],
+            value_heldout_explained_variance=heldout,
             objective=logged["objective"],
             value_gain=logged["value_gain"],
             kl_to_reference=logged["kl_to_reference"],
@@ -355,6 +368,7 @@ def train(
         writer.add_scalar("reward/std", stats.reward_std, step)
         writer.add_scalar("value/loss", stats.value_loss, step)
         writer.add_scalar("value/explained_variance", stats.value_explained_variance, step)
+        writer.add_scalar("value/heldout_explained_variance", stats.value_heldout_explained_variance, step)
         writer.add_scalar("train/objective", stats.objective, step)
         writer.add_scalar("train/value_gain", stats.value_gain, step)
         writer.add_scalar("train/kl_to_reference", stats.kl_to_reference, step)
@@ -366,7 +380,7 @@ def train(
             writer.add_images("eval/samples", images, step)
             _save_grid(images, run_dir / "samples" / f"epoch-{step:04d}.png", num_classes)
         result.epochs.append(stats)
-        bar.set_postfix(reward=f"{stats.reward_mean:.3f}", ev=f"{stats.value_explained_variance:.2f}")
+        bar.set_postfix(reward=f"{stats.reward_mean:.3f}", heldout_ev=f"{heldout:.2f}")
 
         if step % config.save_every == 0 or step == last:
             state = {

@@ -31,6 +31,7 @@ __all__ = [
     "ValueData",
     "ValueNetwork",
     "collect_value_data",
+    "explained_variance",
     "fit_value",
     "state_timesteps",
 ]
