@@ -167,15 +167,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), _yaml_load(value)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply ``key=value`` overrides, validate.
+def read_config_data(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a YAML config with ``key=value`` overrides applied, and its source name.
 
-    Args:
-        path: a YAML file (``None``: the defaults).
-        overrides: ``["train.learning_rate=1e-4", "env.window=hrf-d", …]``.
+    Shared by every agent's config loader (PPO-IS, VARD); validation is the caller's schema.
 
     Raises:
-        ConfigError: naming each unknown key or wrong type.
+        ConfigError: for a missing file, a non-mapping document or an override into a non-section.
     """
     data: dict[str, Any] = {}
     source = str(path) if path is not None else "<defaults>"
@@ -195,6 +193,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {key!r} is not a section")
         node[keys[-1]] = value
+    return data, source
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate.
+
+    Args:
+        path: a YAML file (``None``: the defaults).
+        overrides: ``["train.learning_rate=1e-4", "env.window=hrf-d", …]``.
+
+    Raises:
+        ConfigError: naming each unknown key or wrong type.
+    """
+    data, source = read_config_data(path, overrides)
     try:
         config = Config.model_validate(data)
     except ValidationError as error:

@@ -9,12 +9,11 @@ the key, as for PPO-IS.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..ppo_is.config import ConfigError, EnvConfig, EvalConfig, SampleConfig, check_values, parse_override
+from ..ppo_is.config import ConfigError, EnvConfig, EvalConfig, SampleConfig, check_values, read_config_data
 
 __all__ = ["VardConfig", "VardTrainConfig", "ValueConfig", "dump_vard_config", "load_vard_config"]
 
@@ -87,24 +86,7 @@ def load_vard_config(path: str | Path | None = None, overrides: list[str] | None
     Raises:
         ConfigError: naming each unknown key or wrong type, an unknown reward or a bad window.
     """
-    data: dict[str, Any] = {}
-    source = str(path) if path is not None else "<defaults>"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(loaded).__name__}")
-        data = loaded or {}
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {key!r} is not a section")
-        node[keys[-1]] = value
+    data, source = read_config_data(path, overrides)
     try:
         config = VardConfig.model_validate(data)
     except ValidationError as error:
