@@ -55,6 +55,7 @@ from ..common.checkpoint import (
     save_checkpoint,
 )
 from ..common.policy import DiffusionPolicy
+from ..ppo_is.trainer import TrainResult
 from .config import VardConfig, dump_vard_config
 from .value import (
     ValueBuffer,
@@ -89,15 +90,10 @@ class VardEpochStats:
 
 
 @dataclass
-class VardResult:
-    """The outcome of :func:`train`."""
+class VardResult(TrainResult):
+    """The outcome of :func:`train`: PPO-IS's result fields, with VARD's per-epoch statistics."""
 
-    run_dir: Path
-    epochs: list[VardEpochStats] = field(default_factory=list)
-    base_eval: metrics.MeanStd | None = None
-    """Fixed-noise evaluation reward of the base model: mean and standard error."""
-    final_eval: metrics.MeanStd | None = None
-    """The same after the last evaluated epoch."""
+    epochs: list[VardEpochStats] = field(default_factory=list)  # type: ignore[assignment]
 
 
 def _kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
