@@ -14,12 +14,15 @@ minibatch steps of ``−mean(min(A·ρ, A·clip(ρ, 1 ± ε)))`` with AdamW, a w
 differences are ±0.01 kB, far below the spread between reference images.)
 
 Episodes are short: an HRF-style window ``[(10, 12)]`` on a 20-step chain starts each episode from a
-reference digit noised to step index 10…12 (of 0…19), so an episode is 8 to 10 steps and the run
-takes about a minute on a 2-core CPU. Evaluation: 128 fixed episodes (``reset(seed=...)`` of a
-separate env: same references, start steps and noise) with the same policy noise before and after,
-so the gain is measured on paired episodes. Run::
+reference digit noised to step index 10…12 (of 0…19), so an episode is 8 to 10 steps and training
+takes about 25 s on a 2-core CPU. The defaults were chosen by a sweep over seeds 0–4 (64 evaluation
+episodes): learning rate 3e-4 with groups of 8 episodes per reference raised the reward by 3.8 to 12.7
+standard errors on every seed; 5e-4 or groups of 4 diverged on some seeds (a bad early step makes the
+images noisier, which costs compressibility for many iterations). Evaluation: 128 fixed episodes
+(``reset(seed=...)`` of a separate env: same references, start steps and noise) with the same policy
+noise before and after, so the gain is measured on paired episodes. Run::
 
-    python examples/reinforce_minimal.py [--iterations 4] [--reward jpeg_compressibility]
+    python examples/reinforce_minimal.py [--iterations 12] [--reward jpeg_compressibility]
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ class Args:
     window_start: int = 10  # episodes start at a step index in [window_start, window_end] ...
     window_end: int = 12  # ... from a noised reference digit (HRF's predefined window)
     num_envs: int = 32  # episodes per batch
-    samples_per_reference: int = 4  # episodes per reference image: one advantage group
+    samples_per_reference: int = 8  # episodes per reference image: one advantage group
     batches_per_iteration: int = 2
-    iterations: int = 4
-    learning_rate: float = 5e-4
+    iterations: int = 12
+    learning_rate: float = 3e-4
     warmup_iterations: int = 2  # linear warm-up of the learning rate
     minibatches: int = 4  # gradient steps per iteration
     clip_range: float = 0.05  # PPO ratio clip (log-probs are means over pixels)
