@@ -111,7 +111,9 @@ def load_train_config(algo: str, path: str | None, overrides: list[str]) -> Any:
             (load_config if other == "ppo-is" else load_vard_config)(path, overrides)
         except ConfigError:
             raise error from None
-        raise ConfigError(f"{error}\n  ({path} is a {other} config: use --algo {other})") from None
+        raise ConfigError(
+            f"{error}\n  ({path} is a {other} config: use --algo {other}, or algo: {other} in a study's methods)"
+        ) from None
 
 
 def train_with(algo: str, config: Any, **kwargs: Any) -> Any:

@@ -2,14 +2,17 @@
 
 ``diffusion-gym paper --config envs_configs/paper_digits.yaml`` (or ``make paper``) runs the stages
 
-1. **train**: one PPO-IS run per (method, reward, seed) from the method's training config (a
-   template with ``{reward}``), plus the study's overrides; runs that already finished are skipped,
-   so an interrupted study continues where it stopped;
+1. **train**: one run per (method, reward, seed) from the method's training config (a template
+   with ``{reward}``; PPO-IS, or VARD for ``{config: ..., algo: vard}``), plus the study's
+   overrides; runs that already finished are skipped, so an interrupted study continues where it
+   stopped;
 2. **evaluate**: the base model and every run, on the same evaluation noise (``diffusion-gym
    evaluate``'s JSON per model);
 3. **injection**: the Appendix A.1 experiment on one method's first seed per reward;
 4. **report**: ``report.md`` with Tables 1–3, the window ablation, the claims check, Fig. 5, the
-   projection and injection plots and the runtime of each stage, written to ``report_dir``.
+   projection and injection plots and the runtime of each stage, written to ``report_dir``. The
+   evaluations of earlier studies named in ``compare_with`` join the rows when their evaluation
+   settings and initial noise equal this study's (otherwise an error names the field).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .evaluation import EvalSettings
 
@@ -56,6 +59,17 @@ class InjectionSection(_Strict):
     seed: int = Field(0, description="seed of the shared noise")
 
 
+class MethodSpec(_Strict):
+    """One method of a study: its training config template and the algorithm that reads it."""
+
+    config: str = Field(..., description="training config; {reward} is replaced by the task")
+    algo: Literal["ppo-is", "vard"] = Field("ppo-is", description="trainer and config schema: ppo-is or vard")
+
+
+COMPARED_SETTINGS = ("num_samples", "seed", "num_steps", "eta", "scheduler", "pixel_size", "is_splits", "metric_nets")
+"""Evaluation settings that must be equal for an earlier study's evaluations to join this study's rows."""
+
+
 class StudyConfig(_Strict):
     """A whole study (see ``envs_configs/paper_digits.yaml``)."""
 
@@ -65,12 +79,23 @@ class StudyConfig(_Strict):
     base_model: str = Field("embedded:digits", description="the model every method fine-tunes")
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     rewards: list[str] = Field(["jpeg_compressibility", "jpeg_incompressibility"], min_length=1)
-    methods: dict[str, str] = Field(..., min_length=1, description="method name -> training config template")
+    methods: dict[str, MethodSpec] = Field(
+        ..., min_length=1, description="method name -> training config template, or {config: template, algo: vard}"
+    )
     overrides: list[str] = Field([], description="--set overrides for every run")
     method_overrides: dict[str, list[str]] = Field({}, description="extra overrides per method")
     jobs: int = Field(1, ge=1, description="training runs in parallel (each gets cores / jobs threads)")
     evaluation: EvaluationSection = EvaluationSection()
     injection: InjectionSection | None = InjectionSection()
+    compare_with: list[str] = Field([], description="evaluations.json files of earlier studies shown as extra rows")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _template_is_ppo_is(cls, value: Any) -> Any:
+        """A bare template string is a PPO-IS method."""
+        if isinstance(value, dict):
+            return {k: {"config": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
 
 
 def load_study(path: str | os.PathLike[str]) -> StudyConfig:
@@ -96,10 +121,20 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         raise ConfigError(
             f"{path}: injection.method {study.injection.method!r} is not one of the methods {list(study.methods)}"
         )
-    for method, template in study.methods.items():
+    from .cli import load_train_config
+
+    for method, spec in study.methods.items():
         for reward in study.rewards:
-            if not Path(template.format(reward=reward)).is_file():
-                raise ConfigError(f"{path}: methods.{method}: {template.format(reward=reward)} does not exist")
+            config = spec.config.format(reward=reward)
+            if not Path(config).is_file():
+                raise ConfigError(f"{path}: methods.{method}: {config} does not exist")
+            try:
+                load_train_config(spec.algo, config, _overrides(study, method, study.seeds[0]))
+            except ConfigError as error:
+                raise ConfigError(f"{path}: methods.{method} (algo {spec.algo}): {error}") from None
+    for item in study.compare_with:
+        if not Path(item).is_file():
+            raise ConfigError(f"{path}: compare_with: {item} does not exist")
     return study
 
 
@@ -153,8 +188,9 @@ def _overrides(study: StudyConfig, method: str, seed: int) -> list[str]:
 
 
 def _train_command(study: StudyConfig, method: str, reward: str, seed: int, run_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "agents.cli", "train", "--config", study.methods[method].format(reward=reward)]
-    cmd += ["--run-dir", str(run_dir), "--no-progress"]
+    spec = study.methods[method]
+    cmd = [sys.executable, "-m", "agents.cli", "train", "--algo", spec.algo]
+    cmd += ["--config", spec.config.format(reward=reward), "--run-dir", str(run_dir), "--no-progress"]
     for o in _overrides(study, method, seed):
         cmd += ["--set", o]
     return cmd
@@ -162,7 +198,7 @@ def _train_command(study: StudyConfig, method: str, reward: str, seed: int, run_
 
 def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = print) -> dict[tuple[str, str, int], Path]:
     """Train every (method, reward, seed) that has not finished; returns the run directories."""
-    from .ppo_is.config import load_config
+    from .cli import load_train_config
 
     runs: dict[tuple[str, str, int], Path] = {}
     todo = []
@@ -172,24 +208,26 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
                 run_dir = out / "runs" / _run_name(method, reward, seed)
                 runs[(method, reward, seed)] = run_dir
                 cmd = _train_command(study, method, reward, seed, run_dir)
-                config = load_config(study.methods[method].format(reward=reward), _overrides(study, method, seed))
+                algo = study.methods[method].algo
+                path = study.methods[method].config.format(reward=reward)
+                config = load_train_config(algo, path, _overrides(study, method, seed))
                 if _finished(run_dir, config.num_epochs):
                     log(f"  train {run_dir.name}: done already, skipped")
                 else:
-                    todo.append((run_dir, cmd, config))
+                    todo.append((run_dir, cmd, algo, config))
     threads = max(1, (os.cpu_count() or 1) // study.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
-    def run(item: tuple[Path, list[str], Any]) -> None:
-        run_dir, cmd, config = item
+    def run(item: tuple[Path, list[str], str, Any]) -> None:
+        run_dir, cmd, algo, config = item
         if run_dir.exists():  # an interrupted run restarts from scratch (its logs would mix otherwise)
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         tic = time.perf_counter()
         if study.jobs == 1:  # in this process: no interpreter start-up and model loading per run
-            from .ppo_is.trainer import train
+            from .cli import train_with
 
-            train(config, run_dir=run_dir, progress=False)
+            train_with(algo, config, run_dir=run_dir, progress=False)
         else:
             with open(run_dir / "train.log", "w") as logfile:
                 done = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, check=False)
@@ -284,6 +322,57 @@ def injection_stage(
     return results
 
 
+def load_comparisons(
+    study: StudyConfig, base: dict[str, Any], base_path: str | os.PathLike[str]
+) -> list[dict[str, Any]]:
+    """The evaluations of ``study.compare_with``, checked against this study's base evaluation.
+
+    Args:
+        study: the study (its ``compare_with`` files and rewards).
+        base: this study's evaluation of the base model (``<out_dir>/eval/base.json``).
+        base_path: where ``base`` was read, for error messages.
+
+    Returns:
+        Every evaluation of every file, each with ``compared_from`` (the file) and without per-sample arrays.
+
+    Raises:
+        ValueError: naming the file, the field and both values when an evaluation's settings (those of
+            :data:`COMPARED_SETTINGS`, the rewards this study uses), networks or initial noise differ.
+    """
+    out = []
+    for item in study.compare_with:
+        data = json.loads(Path(item).read_text())
+        if not isinstance(data, list) or not all(isinstance(e, dict) and "settings" in e for e in data):
+            raise ValueError(
+                f"compare_with: {item} is not an evaluations.json (a list of `diffusion-gym evaluate` results)"
+            )
+        for entry in data:
+            label = entry.get("label", "?")
+
+            def differ(field: str, theirs: Any, ours: Any, item: str = item, label: str = label) -> ValueError:
+                return ValueError(
+                    f"compare_with: {item}: evaluation {label!r} is not comparable: {field} is {theirs!r} there but "
+                    f"{ours!r} in this study's base evaluation ({base_path})"
+                )
+
+            for key in COMPARED_SETTINGS:
+                theirs, ours = entry["settings"].get(key), base["settings"].get(key)
+                if theirs != ours:
+                    raise differ(f"settings.{key}", theirs, ours)
+            missing = [r for r in study.rewards if r not in entry.get("rewards", {})]
+            if missing:
+                raise differ("rewards", sorted(entry.get("rewards", {})), list(study.rewards))
+            for field in ("inception_score", "vendi_embedding"):
+                theirs, ours = entry[field].get("network"), base[field].get("network")
+                if theirs != ours:
+                    raise differ(f"{field}.network", theirs, ours)
+            if entry.get("initial_noise_digest") != base["initial_noise_digest"]:
+                raise differ("initial_noise_digest", entry.get("initial_noise_digest"), base["initial_noise_digest"])
+            clean = {k: v for k, v in entry.items() if k != "arrays" and not k.startswith("_")}
+            out.append({**clean, "compared_from": str(item)})
+    return out
+
+
 def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any = print) -> Path:
     """Run the study's stages (``all``, or a comma list of train, evaluate, injection, report)."""
     valid = ("train", "evaluate", "injection", "report")
@@ -320,12 +409,13 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
     injections = timed("injection", injection_stage, study, runs, out, timings, log) if "injection" in wanted else {}
     if "report" not in wanted:
         return out
-    from .report import write_report
+    from .report import merge_results, write_report
 
     tic = time.perf_counter()
+    target = os.environ.get("DIFFUSION_GYM_MAKE_PAPER")  # set by the Makefile: 1 (make paper) or the target
     command = (
-        "make paper"
-        if os.environ.get("DIFFUSION_GYM_MAKE_PAPER")
+        f"make {'paper' if target == '1' else target}"
+        if target
         else "diffusion-gym paper --config " + shlex.quote(str(config_path))
     )
     header = [
@@ -334,6 +424,21 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
         + f"; report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Machine: {machine_description()}.",
     ]
+    own = [json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json")) if "injection" not in p.name]
+    compared: list[dict[str, Any]] = []
+    if study.compare_with:
+        base_path = out / "eval" / "base.json"
+        if not base_path.is_file():
+            raise ValueError(f"compare_with needs this study's base evaluation {base_path}: run the evaluate stage")
+        compared = merge_results(own, load_comparisons(study, json.loads(base_path.read_text()), base_path))[len(own) :]
+        header.append(
+            "Rows from earlier studies (same evaluation settings and initial noise, not re-run here): "
+            + "; ".join(
+                f"`{item}` ({sum(e['compared_from'] == item for e in compared)} evaluations)"
+                for item in study.compare_with
+            )
+            + "."
+        )
     report_dir = Path(study.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     path = write_report(
@@ -343,14 +448,10 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
         header=header,
         injections=injections,
         timings=timings.items,
+        extra=compared,
     )
     timings.add("report", "report", time.perf_counter() - tic)
-    # the per-model metrics travel with the report (the arrays stay in out_dir)
-    (report_dir / "evaluations.json").write_text(
-        json.dumps(
-            [json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json")) if "injection" not in p.name],
-            indent=1,
-        )
-    )
+    # the per-model metrics travel with the report (the arrays stay in out_dir); compared ones say where from
+    (report_dir / "evaluations.json").write_text(json.dumps([*own, *compared], indent=1))
     log(f"report: {path}")
     return path

@@ -9,6 +9,9 @@ and ``seed`` say which run a file belongs to) and writes ``report.md`` with:
 * Fig. 5 (reward vs Vendi, one point per run), a Fig. 1-style 2-D projection of embeddings (base vs
   DDPO, same noise), the Appendix A.1 injection plot when its JSON is given, and stage runtimes.
 
+Methods outside DDPO / HRF / HRF-D (e.g. ``vard``, ``drift``) get their own column, named after the
+method. Evaluations of earlier studies can join as ``extra`` results (metrics only, no arrays).
+
 Across runs of one method, the table entry is the mean over runs ± the standard error over runs
 (3 seeds in the paper); a single model (Base) shows its own sample standard error.
 """
@@ -36,6 +39,8 @@ COLORS = {
     "hrf-early": "tab:orange",
     "hrf-later": "tab:green",
     "hrf-d": "tab:purple",
+    "vard": "tab:brown",
+    "drift": "tab:olive",
 }
 HIGHER_IS_BETTER_NOTE = "Higher is better for every reward here (compressibility is minus the JPEG size)"
 
@@ -64,6 +69,12 @@ def load_results(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]
     if not results:
         raise ValueError(f"no evaluation JSON files (from `diffusion-gym evaluate`) found in {list(map(str, paths))}")
     return results
+
+
+def merge_results(own: list[dict[str, Any]], extra: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``own`` followed by the ``extra`` results whose label is not among ``own``'s (own results win)."""
+    labels = {r.get("label") for r in own}
+    return [*own, *(r for r in extra if r.get("label") not in labels)]
 
 
 def _metric(result: dict[str, Any], name: str, task: str) -> tuple[float, float]:
@@ -248,7 +259,7 @@ def plot_reward_vs_vendi(study: Study, path: Path) -> Path:
 
 def _arrays(result: dict[str, Any]) -> dict[str, np.ndarray] | None:
     name = result.get("arrays")
-    if not name:
+    if not name or "_path" not in result:  # an evaluation loaded from elsewhere: metrics only
         return None
     path = Path(result["_path"]).with_name(name)
     return dict(np.load(path)) if path.is_file() else None
@@ -351,9 +362,24 @@ def write_report(
     injections: dict[str, dict[str, Any]] | None = None,
     timings: list[dict[str, Any]] | None = None,
     notes: Sequence[str] = (),
+    extra: Sequence[dict[str, Any]] = (),
 ) -> Path:
-    """Write ``report.md`` and its figures into ``out_dir``; returns the Markdown path."""
-    study = Study(load_results(paths))
+    """Write ``report.md`` and its figures into ``out_dir``; returns the Markdown path.
+
+    Args:
+        paths: evaluation JSON files or directories of them.
+        out_dir: where ``report.md`` and the PNG figures go.
+        title: the report's title.
+        header: lines under the title.
+        injections: injection-sampling results per task (Appendix A.1 plot and table).
+        timings: a study's ``timings.json`` items (runtime table).
+        notes: lines after the claims check.
+        extra: evaluations loaded elsewhere (an earlier study's ``evaluations.json``), added to the
+            rows unless a file of ``paths`` has the same label; without arrays they are left out
+            of the projection plot.
+    """
+    own = load_results(paths)
+    study = Study(merge_results(own, [{"method": r.get("label"), **r} for r in extra]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = study.results[0]["settings"]
@@ -402,9 +428,17 @@ def write_report(
     lines += [*notes, ""] if notes else []
     fig5 = plot_reward_vs_vendi(study, out / "fig5_reward_vs_vendi.png")
     lines += ["## Figures", "", f"![Reward vs Vendi]({fig5.name})", ""]
-    proj = plot_projection(study, out / "fig1_projection.png")
-    if proj is not None:
-        lines += [f"![Embedding projection]({proj.name})", ""]
+    # Fig. 1 wants DDPO's first seed; its arrays may be missing (an earlier study's evaluation): then the
+    # first other method whose evaluations have arrays
+    for method in dict.fromkeys(["ddpo", *study.methods]):
+        proj = plot_projection(study, out / "fig1_projection.png", method=method)
+        if proj is not None:
+            if method != "ddpo":
+                lines += [f"Embedding projection of Base vs {method} (no per-sample arrays of DDPO here).", ""]
+            lines += [f"![Embedding projection]({proj.name})", ""]
+            break
+    else:
+        lines += ["Embedding projection skipped: no Base and fine-tuned evaluations with per-sample arrays (.npz).", ""]
     if injections:
         inj = plot_injection(injections, out / "injection_sampling.png")
         lines += ["### Injection sampling (Appendix A.1)", "", f"![Injection sampling]({inj.name})", ""]
