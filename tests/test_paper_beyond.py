@@ -167,6 +167,8 @@ def test_study_with_a_vard_method_end_to_end_on_a_tiny_budget(tmp_path):
     earlier.write_text(json.dumps([evaluations[0], ddpo]))
     config.write_text(config.read_text() + f"compare_with: [{earlier}]\n")
     assert main(["paper", "--config", str(config), "--stages", "train,report"]) == 0
+    timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
+    assert [t["stage"] for t in timings].count("train") == 1  # the finished VARD run was skipped
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| task | Base | DDPO | vard |" in report and f"`{earlier}` (1 evaluations)" in report
     assert "Embedding projection of Base vs vard (no per-sample arrays of DDPO here)" in report
