@@ -93,6 +93,28 @@ def pixel_features(images: Tensor, size: int | None = 32) -> Tensor:
     return images.flatten(1)
 
 
+def group_cosine_diversity(features: Tensor, groups: Tensor) -> Tensor:
+    """Each sample's mean cosine distance to the *other* members of its group.
+
+    ``d_i = mean_{j ≠ i, groups_j = groups_i} (1 − cos(f_i, f_j))``; 0 for a sample alone in its
+    group. DRIFT's intra-group diversity.
+
+    Args:
+        features: ``(B, D)`` features.
+        groups: ``(B,)`` integer group ids.
+
+    Returns:
+        ``(B,)`` distances.
+    """
+    if features.ndim != 2 or groups.shape != features.shape[:1]:
+        raise ValueError(f"need (B, D) features and (B,) groups, got {tuple(features.shape)} and {tuple(groups.shape)}")
+    f = F.normalize(features.float(), dim=1)
+    same = groups.view(-1, 1) == groups.view(1, -1)
+    same.fill_diagonal_(False)
+    distance = (1 - f @ f.T) * same
+    return distance.sum(1) / same.sum(1).clamp(min=1)
+
+
 def pixel_vendi(images: Tensor, size: int | None = 32) -> float:
     """Vendi score of images in ``[0, 1]`` on their (resized) pixels."""
     return vendi_score(pixel_features(images, size))

@@ -31,7 +31,7 @@ import torch
 from gymnasium.vector import VectorEnv, VectorWrapper
 from torch import Tensor
 
-from . import sampling
+from . import metrics, sampling
 
 __all__ = ["GroupDiversityPotential", "PotentialShaping", "VectorPotentialShaping"]
 
@@ -214,11 +214,9 @@ class GroupDiversityPotential:
 
     def __call__(self, obs: dict[str, Tensor]) -> Tensor:
         """``(B,)`` potentials of the batched observation ``obs``."""
-        f = torch.nn.functional.normalize(self.features(obs), dim=1)
+        f = self.features(obs)
         b = f.shape[0]
         if b % self.group_size:
             raise ValueError(f"group_size {self.group_size} must divide the number of envs {b}")
-        g = f.view(b // self.group_size, self.group_size, -1)
-        cos = g @ g.transpose(1, 2)  # (groups, n, n)
-        distance = (1 - cos).sum(2) / (self.group_size - 1)  # the diagonal contributes 1 − 1 = 0
-        return self.scale * distance.reshape(b)
+        groups = torch.arange(b, device=f.device) // self.group_size
+        return self.scale * metrics.group_cosine_diversity(f, groups)

@@ -15,7 +15,7 @@ from diffusion_gym.windows import PRESETS, make_window
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "envs_configs"
 # PPO-IS configs; the study (paper_*.yaml, agents/paper.py) and other agents' configs have their own schemas
 YAMLS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("paper_") and "_vard_" not in p.name)
-DIGITS_METHODS = ("ddpo", "hrf", "hrf-early", "hrf-later", "hrf-d")
+DIGITS_METHODS = ("ddpo", "hrf", "hrf-early", "hrf-later", "hrf-d", "drift")
 DIGITS_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
 PAPER_METHODS = ("ddpo", "hrf", "hrf-d")
 PAPER_TASKS = {
@@ -25,6 +25,9 @@ PAPER_TASKS = {
 }
 # Keys the 10 digits configs may differ in (everything else is shared and tuned together).
 DIGITS_VARYING = {"env.window", "env.window_kwargs", "env.references", "env.reward", "run_name"}
+DIGITS_VARYING |= {
+    f"drift.{k}" for k in ("subset_fraction", "condition_noise", "condition_noise_tau", "diversity_coef")
+}
 
 
 def _ids(paths):
@@ -151,7 +154,8 @@ def test_digits_values(method, reward):
     assert (config.model, config.device, config.env.reward) == ("embedded:digits", "cpu", reward)
     assert config.num_epochs == 24 and config.sample.num_steps == 40 and config.sample.num_envs == 32
     assert config.sample.num_batches_per_epoch == 2
-    if method == "ddpo":
+    assert config.drift.enabled == (method == "drift")
+    if method in ("ddpo", "drift"):
         assert (config.env.window, config.env.window_kwargs, config.env.references) == ("full", {}, None)
     elif method == "hrf-d":
         assert config.env.window == "hrf-d" and config.env.references == "digits"

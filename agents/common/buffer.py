@@ -28,7 +28,9 @@ class TransitionBatch(NamedTuple):
     log_prob: Tensor
     """``log π_old(x_next | x, k, c)`` at collection time (averaged over pixels)."""
     advantages: Tensor
-    """Advantage of the pair's trajectory."""
+    """Advantage of the pair (its trajectory's, or its own with per-step advantages)."""
+    cond_noise: Tensor | None = None
+    """DRIFT's condition-noise direction of the pair's trajectory (``None`` when off)."""
 
 
 class RolloutBuffer:
@@ -42,17 +44,27 @@ class RolloutBuffer:
         self.device = torch.device(device)
         self._steps: dict[str, list[Tensor]] = {name: [] for name in ("x", "x_next", "k", "c", "log_prob", "traj")}
         self._traj: dict[str, list[Tensor]] = {name: [] for name in ("rewards", "groups", "conditions", "starts")}
+        self._cond_noise: list[Tensor] = []
         self.num_trajectories = 0
         self.advantages: Tensor | None = None
+        self.pair_advantages: Tensor | None = None
+        self.potentials: list[Tensor] = []
+        """DRIFT's diversity potentials, one ``(S_b, B_global)`` tensor per batch (when shaping)."""
+        self.final_potentials: list[Tensor] = []
+        """``Φ`` of each batch's final images, ``(B_global,)`` per batch (when shaping)."""
 
-    def start_batch(self, conditions: Tensor, groups: Tensor, starts: Tensor) -> Tensor:
-        """Register a new batch of trajectories; returns their ids ``(B,)``."""
+    def start_batch(
+        self, conditions: Tensor, groups: Tensor, starts: Tensor, cond_noise: Tensor | None = None
+    ) -> Tensor:
+        """Register a new batch of trajectories (and their condition-noise directions); returns their ids ``(B,)``."""
         n = conditions.shape[0]
         ids = torch.arange(self.num_trajectories, self.num_trajectories + n, device=self.device)
         self.num_trajectories += n
         self._traj["groups"].append(groups.to(self.device))
         self._traj["conditions"].append(conditions.to(self.device))
         self._traj["starts"].append(starts.to(self.device))
+        if cond_noise is not None:
+            self._cond_noise.append(cond_noise.to(self.device))
         return ids
 
     def add(self, x: Tensor, x_next: Tensor, k: Tensor, c: Tensor, log_prob: Tensor, traj: Tensor) -> None:
@@ -96,13 +108,37 @@ class RolloutBuffer:
             raise ValueError(f"need {self.num_trajectories} advantages, got shape {tuple(advantages.shape)}")
         self.advantages = advantages.to(self.device).float()
 
+    def set_pair_advantages(self, advantages: Tensor) -> None:
+        """Per-pair advantages ``(len(self),)`` in storage order; they replace the trajectories' ones."""
+        if advantages.shape != (len(self),):
+            raise ValueError(f"need {len(self)} pair advantages, got shape {tuple(advantages.shape)}")
+        self.pair_advantages = advantages.to(self.device).float()
+
+    def global_pair_trajectories(self, world_size: int = 1) -> Tensor:
+        """The global trajectory index of every global (sample, step) pair.
+
+        Pairs are stored one block of ``B`` per (batch, step); with ``world_size`` processes each
+        holding ``B`` envs of a ``B · world_size`` batch, global pair ``g`` is row ``g % W`` of block
+        ``g // W`` (``W = B · world_size``) and belongs to trajectory ``batch · W + row``. In one
+        process this is each pair's trajectory id.
+        """
+        blocks = self._steps["traj"]
+        if not blocks:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        b = blocks[0].shape[0]
+        width = b * world_size
+        rows = torch.arange(width, device=self.device)
+        return torch.cat([torch.div(block[0], b, rounding_mode="floor") * width + rows for block in blocks])
+
     def minibatches(self, order: Tensor, batch_size: int) -> list[TransitionBatch]:
         """The pairs in ``order`` (a permutation of ``range(len(self))``), cut into minibatches."""
-        if self.advantages is None:
-            raise RuntimeError("set_advantages() before sampling minibatches")
+        if self.advantages is None and self.pair_advantages is None:
+            raise RuntimeError("set_advantages() or set_pair_advantages() before sampling minibatches")
         flat = {name: self._cat(self._steps, name) for name in self._steps}
+        cond_noise = torch.cat(self._cond_noise) if self._cond_noise else None
         out = []
         for idx in order.to(self.device).split(batch_size):
+            traj = flat["traj"][idx]
             out.append(
                 TransitionBatch(
                     x=flat["x"][idx],
@@ -110,7 +146,8 @@ class RolloutBuffer:
                     k=flat["k"][idx],
                     c=flat["c"][idx],
                     log_prob=flat["log_prob"][idx],
-                    advantages=self.advantages[flat["traj"][idx]],
+                    advantages=self.pair_advantages[idx] if self.pair_advantages is not None else self.advantages[traj],
+                    cond_noise=cond_noise[traj] if cond_noise is not None else None,
                 )
             )
         return out

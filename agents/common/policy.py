@@ -21,6 +21,11 @@ measures them against a naive diffusers loop):
   pass (diffusers' ``enable_gradient_checkpointing``): less memory per (sample, step) pair, so a
   larger ``train.batch_size`` fits, for about one more forward pass of compute. Only active when
   gradients are on (the update), never in rollouts.
+
+DRIFT's stochastic prompting (``condition_noise``, :class:`~agents.common.drift.ConditionNoise`) is
+part of the policy: an episode's noise direction perturbs the class embedding in the rollout and in
+the update's recomputation alike, so the log-probabilities stay consistent; :meth:`denoiser` (env
+probes, references, evaluation) never adds it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from torch import Tensor, nn
 
 from diffusion_gym import sampling
 from diffusion_gym.sampling import DenoisingSchedule, StepIndex, StepOutput
+
+from .drift import ConditionNoise
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 """UNet2DModel layers that get LoRA adapters: attention projections and the ResNet convolutions."""
@@ -111,9 +118,12 @@ class DiffusionPolicy(nn.Module):
             (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``).
         gradient_checkpointing: recompute the UNet's activations in the backward pass (less memory in
             the update, about one extra forward of compute).
+        condition_noise: DRIFT's annealed noise on the class embedding, applied where a call passes
+            per-sample noise directions (``cond_noise``); ``None``: never.
 
     Raises:
-        ValueError: for an unknown ``compile`` mode.
+        ValueError: for an unknown ``compile`` mode, or condition noise on a UNet without a class
+            embedding.
     """
 
     def __init__(
@@ -125,10 +135,17 @@ class DiffusionPolicy(nn.Module):
         channels_last: bool = False,
         compile: str = "no",  # noqa: A002 - the config key's name
         gradient_checkpointing: bool = False,
+        condition_noise: ConditionNoise | None = None,
     ):
         super().__init__()
         if compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile!r}; valid choices: {list(COMPILE_MODES)}")
+        if condition_noise is not None and getattr(unet, "class_embedding", None) is None:
+            raise ValueError(
+                "condition noise (DRIFT's drift.condition_noise) perturbs the class embedding, but this UNet has "
+                "none (an unconditional model): set drift.condition_noise to 0"
+            )
+        self.condition_noise = condition_noise
         self.unet = unet
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype
@@ -151,12 +168,27 @@ class DiffusionPolicy(nn.Module):
         if self.memory_format == torch.channels_last:
             self.unet.to(memory_format=torch.channels_last)
 
-    def _unet(self, x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
-        """The (compiled) UNet forward at inputs in the policy's memory format."""
+    def _unet(self, x: Tensor, t: Tensor, c: Tensor | None, cond_noise: Tensor | None = None) -> Tensor:
+        """The (compiled) UNet forward at inputs in the policy's memory format.
+
+        ``cond_noise``: ``(B, D)`` unit-normal directions of DRIFT's condition noise (see
+        :class:`~agents.common.drift.ConditionNoise`), added to the class embedding through a
+        forward hook for this call only.
+        """
         if self.memory_format == torch.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         forward = self.unet if self._compiled is None else self._compiled
-        return forward(x, t, class_labels=c if self.conditional else None).sample
+        if cond_noise is None or self.condition_noise is None:
+            return forward(x, t, class_labels=c if self.conditional else None).sample
+        noise = self.condition_noise
+        weight = noise.weight(t, self.schedule.num_train_timesteps)
+        hook = self.unet.class_embedding.register_forward_hook(
+            lambda module, args, out: noise.perturb(out, cond_noise, weight)
+        )
+        try:
+            return forward(x, t, class_labels=c).sample
+        finally:
+            hook.remove()
 
     @property
     def device(self) -> torch.device:
@@ -168,12 +200,15 @@ class DiffusionPolicy(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def model_output(self, x: Tensor, k: StepIndex, c: Tensor | None) -> Tensor:
-        """The UNet's prediction at images ``x``, step index ``k`` and conditions ``c``."""
+    def model_output(self, x: Tensor, k: StepIndex, c: Tensor | None, cond_noise: Tensor | None = None) -> Tensor:
+        """The UNet's prediction at images ``x``, step index ``k`` and conditions ``c``.
+
+        ``cond_noise``: per-sample directions of the condition noise (``None``: none).
+        """
         t = sampling.timestep_at(k, self.schedule)
         t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
         with self._autocast():
-            return self._unet(x, t, c)
+            return self._unet(x, t, c, cond_noise)
 
     @torch.no_grad()
     def act(
@@ -183,13 +218,17 @@ class DiffusionPolicy(nn.Module):
         c: Tensor | None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        cond_noise: Tensor | None = None,
     ) -> StepOutput:
         """Sample ``x_{t-1}`` and its log-prob (no gradient)."""
-        return sampling.denoise_step(self.model_output(x, k, c), x, k, self.schedule, generator=generator, noise=noise)
+        out = self.model_output(x, k, c, cond_noise)
+        return sampling.denoise_step(out, x, k, self.schedule, generator=generator, noise=noise)
 
-    def evaluate(self, x: Tensor, k: StepIndex, c: Tensor | None, x_prev: Tensor) -> StepOutput:
+    def evaluate(
+        self, x: Tensor, k: StepIndex, c: Tensor | None, x_prev: Tensor, cond_noise: Tensor | None = None
+    ) -> StepOutput:
         """Recompute the log-prob (and mean) of the stored action ``x_prev`` with gradients."""
-        return sampling.denoise_step(self.model_output(x, k, c), x, k, self.schedule, x_prev=x_prev)
+        return sampling.denoise_step(self.model_output(x, k, c, cond_noise), x, k, self.schedule, x_prev=x_prev)
 
     def denoiser(self) -> sampling.Denoiser:
         """A ``(x, t, c) -> output`` callable over the *current* weights (for env probes/references)."""

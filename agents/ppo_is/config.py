@@ -95,6 +95,36 @@ class TrainConfig(_Section):
         return self
 
 
+class DriftConfig(_Section):
+    """DRIFT's diversity mechanisms (:mod:`agents.common.drift`); each is off at its default."""
+
+    subset_fraction: float = Field(
+        1.0, gt=0, le=1, description="(i) train on this fraction of each group: the rewards closest together (1: all)"
+    )
+    condition_noise: float = Field(
+        0.0, ge=0, description="(ii) noise on the class embedding, relative to its RMS, at full weight (0: off)"
+    )
+    condition_noise_tau: tuple[float, float] = Field(
+        (0.0, 1.0), description="(τ1, τ2): no condition noise at t/T <= τ1, full weight at t/T >= τ2"
+    )
+    diversity_coef: float = Field(
+        0.0, ge=0, description="(iii) λ of the intra-group diversity potential of x̂0 (0: off)"
+    )
+
+    @field_validator("condition_noise_tau")
+    @classmethod
+    def _tau_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"must be (τ1, τ2) with 0 <= τ1 < τ2 <= 1, got {list(value)}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any mechanism is on."""
+        return self.subset_fraction < 1 or self.condition_noise > 0 or self.diversity_coef > 0
+
+
 class EvalConfig(_Section):
     """Fixed-noise evaluation during training."""
 
@@ -135,6 +165,7 @@ class Config(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("model")

@@ -61,6 +61,14 @@ from ..common.checkpoint import (
     save_checkpoint,
 )
 from ..common.distributed import Distributed, DistributedError, init_distributed
+from ..common.drift import (
+    ConditionNoise,
+    concentrated_subset,
+    diversity_features,
+    group_cosine_diversity,
+    group_keys,
+    shaped_step_advantages,
+)
 from ..common.policy import DiffusionPolicy, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
 from .config import Config, ConfigError, dump_config
 
@@ -84,6 +92,8 @@ class EpochStats:
     num_pairs: int
     seconds: float
     eval_reward_mean: float | None = None
+    drift: dict[str, float] = field(default_factory=dict)
+    """DRIFT's statistics when it is on: ``kept_fraction``, ``final_diversity`` (mean ``Φ`` of the final images)."""
 
 
 @dataclass
@@ -178,6 +188,13 @@ def policy_noise_sampler(
     return lambda: torch.randn(shape, generator=generator, pin_memory=pinned)[rows].to(envs.device, non_blocking=pinned)
 
 
+def condition_embedding_dim(policy: DiffusionPolicy) -> int:
+    """Width of the UNet's class embedding (the time-embedding width of a diffusers ``UNet2DModel``)."""
+    embedding = policy.unet.class_embedding
+    dim = getattr(embedding, "embedding_dim", None)
+    return int(dim) if dim is not None else int(policy.unet.config.block_out_channels[0] * 4)
+
+
 def collect(
     envs: DiffusionDenoiseVectorEnv,
     policy: DiffusionPolicy,
@@ -185,6 +202,7 @@ def collect(
     num_batches: int,
     generator: torch.Generator,
     noise: str = "cpu",
+    diversity: bool = False,
 ) -> None:
     """Roll out ``num_batches`` batches of whole episodes into ``buffer`` (no grad).
 
@@ -192,22 +210,43 @@ def collect(
     actions and log-probs stay on the device, the env copies nothing to it on plain steps, and the
     policy noise comes from :func:`policy_noise_sampler` (``noise``: ``"cpu"`` or ``"device"``, see
     there). The reward and the autoreset at the end of a batch do synchronise.
+
+    DRIFT: with the policy's ``condition_noise`` on, each episode draws one condition-noise
+    direction at the start of its batch (from ``generator``, for the global batch); with
+    ``diversity``, the group-diversity potential of every stored step's x̂0 and of the final images
+    is recorded for the whole batch (features gathered across processes) in ``buffer.potentials``
+    and ``buffer.final_potentials``.
     """
     deterministic = policy.schedule.deterministic.cpu().numpy()  # host copy: no device sync per step
     draw_noise = policy_noise_sampler(envs, generator, noise)
+    core = envs.core
+    rows = core.shard.block(core.global_num_envs) if core.shard is not None else slice(None)
+    gather = core.shard.all_gather if core.shard is not None else (lambda t: t)
+    cond_dim = condition_embedding_dim(policy) if policy.condition_noise is not None else 0
     obs, info = envs.observation()
     for _ in range(num_batches):
-        traj = buffer.start_batch(obs["c"], info["group"], info["start_step"])
-        rewards = None
+        cond_noise = None
+        if cond_dim:
+            cond_noise = torch.randn((core.global_num_envs, cond_dim), generator=generator)[rows].to(envs.device)
+        traj = buffer.start_batch(obs["c"], info["group"], info["start_step"], cond_noise)
+        keys = gather(group_keys(info["group"], obs["c"])) if diversity else None
+        potentials = []
+        rewards = step = None
         for _ in range(int(envs.steps_remaining().max())):
             k = info["step_index"]
             c = obs["c"] if policy.conditional else None
-            step = policy.act(obs["x_t"], k, c, noise=draw_noise())
+            step = policy.act(obs["x_t"], k, c, noise=draw_noise(), cond_noise=cond_noise)
             k_host = int(envs.core.num_steps - envs.steps_remaining()[0])  # shared start: one step for all
             if not deterministic[k_host]:
                 buffer.add(obs["x_t"], step.x_prev, k, obs["c"], step.log_prob, traj)
+                if keys is not None:
+                    potentials.append(group_cosine_diversity(gather(diversity_features(step.x0)), keys))
             obs, rewards, terminated, _, info = envs.step(step.x_prev)
         buffer.end_batch(rewards)
+        if keys is not None and step is not None:
+            phi = torch.stack(potentials) if potentials else torch.zeros((0, keys.numel()), device=keys.device)
+            buffer.potentials.append(phi)
+            buffer.final_potentials.append(group_cosine_diversity(gather(diversity_features(step.x_prev)), keys))
 
 
 def _kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -240,8 +279,12 @@ def update(
     reference: DiffusionPolicy | None = None,
     dist: Distributed | None = None,
     shard: Shard | None = None,
+    keep_pairs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The PPO-IS update over the buffer; returns the logged statistics.
+
+    ``keep_pairs``: a bool mask over the global (sample, step) pairs (DRIFT's reward-concentrated
+    subset); only those are shuffled into the chunks (the shuffle draws the same permutation either way).
 
     Statistics stay on the device until the end; the only host sync per optimizer step is the
     finiteness check of the chunk's loss and gradient norm, made before the step.
@@ -263,6 +306,8 @@ def update(
     policy.train()
     for _ in range(t.num_inner_epochs):
         order = torch.randperm(n, generator=generator)
+        if keep_pairs is not None:
+            order = order[keep_pairs[order].cpu()]
         for chunk in order.tensor_split(t.gradient_updates_per_epoch):
             if chunk.numel() == 0:
                 continue
@@ -270,7 +315,7 @@ def update(
             chunk_loss = torch.zeros((), device=buffer.device)
             mine = _owned_pairs(chunk, batch_envs, shard)
             for mb in buffer.minibatches(mine, t.batch_size) if mine.numel() else []:
-                out = policy.evaluate(mb.x, mb.k, mb.c if policy.conditional else None, mb.x_next)
+                out = policy.evaluate(mb.x, mb.k, mb.c if policy.conditional else None, mb.x_next, mb.cond_noise)
                 log_ratio = out.log_prob - mb.log_prob
                 ratio = torch.exp(log_ratio)
                 if first_dev is None:  # the first micro-batch after the rollout: ratio should be 1
@@ -281,7 +326,8 @@ def update(
                 loss_per = torch.maximum(unclipped, clipped)
                 if reference is not None and t.kl_coef > 0:
                     with torch.no_grad():
-                        ref = reference.evaluate(mb.x, mb.k, mb.c if reference.conditional else None, mb.x_next)
+                        ref_c = mb.c if reference.conditional else None
+                        ref = reference.evaluate(mb.x, mb.k, ref_c, mb.x_next, mb.cond_noise)
                     kl = _kl_to_reference(out.mean, ref.mean, out.std)
                     loss_per = loss_per + t.kl_coef * kl
                     sums["kl_ref"] += kl.detach().sum()
@@ -407,6 +453,48 @@ def _local_rows(values: torch.Tensor, dist: Distributed, num_batches: int) -> to
     return values.view(num_batches, dist.world_size, -1)[:, dist.rank].reshape(-1)
 
 
+def _set_advantages(
+    buffer: RolloutBuffer,
+    batch: dict[str, torch.Tensor],
+    config: Config,
+    tracker: PerConditionStatTracker,
+    dist: Distributed,
+    num_batches: int,
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Compute the epoch's advantages into ``buffer``; returns DRIFT's kept-episode mask and statistics.
+
+    Without DRIFT: one advantage per trajectory (:func:`compute_advantages`). With DRIFT's subset
+    the advantages are computed over the kept trajectories only (the others get 0 and are left out
+    of the update); with its diversity shaping they are per (trajectory, step)
+    (:func:`shaped_step_advantages`).
+    """
+    t, d = config.train, config.drift
+    rewards, groups, conditions = batch["rewards"], batch["groups"], batch["conditions"]
+    keys = group_keys(groups, conditions)
+    keep = concentrated_subset(rewards, keys, d.subset_fraction) if d.subset_fraction < 1 else None
+    kept = keep if keep is not None else torch.ones_like(rewards, dtype=torch.bool)
+    stats: dict[str, float] = {}
+    if d.enabled:
+        stats["kept_fraction"] = kept.float().mean().item()
+    if d.diversity_coef > 0:
+        final = torch.cat(buffer.final_potentials)
+        per_batch = shaped_step_advantages(
+            rewards, final, buffer.potentials, keys, kept, d.diversity_coef, t.adv_clip_max
+        )
+        width = final.numel() // num_batches // dist.world_size  # this process's envs per batch
+        cols = slice(dist.rank * width, (dist.rank + 1) * width)
+        local = [adv[:, cols] for adv in per_batch]
+        buffer.set_pair_advantages(torch.cat([a.reshape(-1) for a in local]))
+        stats["final_diversity"] = final.mean().item()
+    else:
+        advantages = torch.zeros_like(rewards)
+        advantages[kept] = compute_advantages(
+            rewards[kept], groups[kept], conditions[kept], t.advantage_mode, tracker, clip=t.adv_clip_max
+        )
+        buffer.set_advantages(_local_rows(advantages, dist, num_batches))
+    return keep, stats
+
+
 def _check_same_weights(params: list[torch.Tensor], dist: Distributed, epoch: int) -> None:
     """Raise if the processes' weights differ (they must be identical after every step)."""
     if not dist.enabled:
@@ -483,7 +571,9 @@ def _train(
         loaded.scheduler, config.sample.num_steps, eta=config.sample.eta, device=config.device
     )
     autocast = torch.bfloat16 if config.mixed_precision == "bf16" else None
-    fast = {"channels_last": config.channels_last, "compile": config.compile}
+    d = config.drift
+    condition_noise = ConditionNoise(d.condition_noise, d.condition_noise_tau) if d.condition_noise > 0 else None
+    fast = {"channels_last": config.channels_last, "compile": config.compile, "condition_noise": condition_noise}
     policy = DiffusionPolicy(
         loaded.unet, schedule, autocast, gradient_checkpointing=config.train.gradient_checkpointing, **fast
     )
@@ -555,14 +645,12 @@ def _train(
         tic = time.perf_counter()
         buffer = RolloutBuffer(config.device)
         policy.eval()
-        collect(envs, policy, buffer, num_batches, generator, config.policy_noise)
+        collect(envs, policy, buffer, num_batches, generator, config.policy_noise, diversity=d.diversity_coef > 0)
         batch = _gather_trajectories(buffer, dist, num_batches)
         rewards = batch["rewards"]
-        advantages = compute_advantages(
-            rewards, batch["groups"], batch["conditions"], t.advantage_mode, tracker, clip=t.adv_clip_max
-        )
-        buffer.set_advantages(_local_rows(advantages, dist, num_batches))
-        logged = update(policy, buffer, optimizer, config, generator, reference, dist, shard)
+        keep, drift_stats = _set_advantages(buffer, batch, config, tracker, dist, num_batches)
+        keep_pairs = keep[buffer.global_pair_trajectories(dist.world_size)] if keep is not None else None
+        logged = update(policy, buffer, optimizer, config, generator, reference, dist, shard, keep_pairs)
         lr_schedule.step()
         if ema is not None:
             with torch.no_grad():
@@ -580,6 +668,7 @@ def _train(
             first_ratio_max_dev=logged["first_ratio_max_dev"],
             num_pairs=len(buffer) * dist.world_size,
             seconds=time.perf_counter() - tic,
+            drift=drift_stats,
         )
         step = epoch + 1
         for key in ("reward_mean", "reward_std"):
@@ -589,6 +678,8 @@ def _train(
         if logged["kl_ref"]:
             writer.add_scalar("train/kl_to_reference", logged["kl_ref"], step)
         writer.add_scalar("train/learning_rate", optimizer.param_groups[0]["lr"], step)
+        for key, value in stats.drift.items():
+            writer.add_scalar(f"drift/{key}", value, step)
         writer.add_histogram("window/start_step", np.asarray(stats.start_steps), step)
         writer.add_scalar("time/epoch_seconds", stats.seconds, step)
         if step % config.eval.every == 0 or step == config.num_epochs:
