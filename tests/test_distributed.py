@@ -207,6 +207,24 @@ def test_checkpoints_resume_under_another_number_of_processes(tmp_path, one_proc
         assert diff < TOLERANCE
 
 
+def test_drift_under_two_processes_trains_like_one(tmp_path):
+    """DRIFT (subsets, condition noise, diversity shaping) sees the whole batch under torchrun: the
+    reference group that straddles the processes gets the same subset, potentials and advantages, so
+    1 epoch in 2 processes ends with one process's weights and statistics."""
+    overrides = [*TINY, "num_epochs=1", "drift.subset_fraction=0.5", "drift.condition_noise=0.5"]
+    overrides += ["drift.diversity_coef=0.1"]
+    single = train(load_config(None, overrides), run_dir=tmp_path / "one", progress=False)
+    rank0, _ = _run_two(tmp_path / "two", tmp_path / "out", overrides)
+    ((a,), (b,)) = single.epochs, rank0["epochs"]
+    assert a.drift["kept_fraction"] == b["drift"]["kept_fraction"] == 0.5
+    assert a.drift["final_diversity"] == pytest.approx(b["drift"]["final_diversity"], abs=1e-6)
+    assert a.num_pairs == b["num_pairs"] and a.loss == pytest.approx(b["loss"], abs=1e-5)
+    assert a.first_ratio_max_dev < 1e-5 and b["first_ratio_max_dev"] < 1e-5
+    one = _checkpoint_weights(tmp_path / "one")
+    assert _max_diff(one, _checkpoint_weights(tmp_path / "two")) < TOLERANCE
+    assert _moved(load_model("embedded:digits").unet.state_dict(), one) > 50 * TOLERANCE
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_a_dead_or_stuck_rank_makes_the_other_fail_clearly(tmp_path, how):
     """Rank 1 is killed (or frozen) before its first rollout; rank 0, waiting in a collective, fails
