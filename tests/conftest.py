@@ -23,3 +23,24 @@ def no_network(monkeypatch):
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture
+def tiny_vard() -> list[str]:
+    """``key=value`` overrides that make a VARD run take seconds (1 epoch, 4 steps, a tiny value net)."""
+    return [
+        "num_epochs=1",
+        "sample.num_steps=4",
+        "sample.num_envs=4",
+        "sample.num_batches_per_epoch=1",
+        "value.width=8",
+        "value.warmup_steps=2",
+        "value.steps_per_epoch=1",
+        "value.batch_size=16",
+        "train.updates_per_epoch=1",
+        "train.batch_size=4",
+        "train.micro_batch_size=4",
+        "eval.num_samples=4",
+        "eval.every=1",
+        "save_every=1",
+    ]

@@ -41,35 +41,17 @@ def test_sample_rejects_bad_input_with_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-TINY_VARD = [
-    "num_epochs=1",
-    "sample.num_steps=4",
-    "sample.num_envs=4",
-    "sample.num_batches_per_epoch=1",
-    "value.width=8",
-    "value.warmup_steps=2",
-    "value.steps_per_epoch=1",
-    "value.batch_size=16",
-    "train.updates_per_epoch=1",
-    "train.batch_size=4",
-    "train.micro_batch_size=4",
-    "eval.num_samples=4",
-    "eval.every=1",
-    "save_every=1",
-]
-
-
-def test_train_algo_vard_runs_and_resumes(tmp_path, capsys):
+def test_train_algo_vard_runs_and_resumes(tmp_path, capsys, tiny_vard):
     from agents.common.checkpoint import latest_checkpoint, load_checkpoint
 
     config = "envs_configs/digits_vard_jpeg_compressibility.yaml"
     run = tmp_path / "run"
     args = ["train", "--algo", "vard", "--config", config, "--run-dir", str(run), "--no-progress"]
-    assert main([*args, *[a for o in TINY_VARD for a in ("--set", o)]]) == 0
+    assert main([*args, *[a for o in tiny_vard for a in ("--set", o)]]) == 0
     assert "fixed-noise eval reward (jpeg_compressibility)" in capsys.readouterr().out
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt.epoch == 0 and ckpt.state["algo"] == "vard"
-    more = [a for o in [*TINY_VARD, "num_epochs=2"] for a in ("--set", o)]
+    more = [a for o in [*tiny_vard, "num_epochs=2"] for a in ("--set", o)]
     assert main([*args, *more, "--resume", str(run)]) == 0
     assert load_checkpoint(latest_checkpoint(run)).epoch == 1
 

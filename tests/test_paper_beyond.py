@@ -12,22 +12,6 @@ from agents.ppo_is.config import ConfigError
 from agents.report import Study, load_results, merge_results, write_report
 
 REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
-TINY_VARD = [
-    "num_epochs=1",
-    "sample.num_steps=4",
-    "sample.num_envs=4",
-    "sample.num_batches_per_epoch=1",
-    "value.width=8",
-    "value.warmup_steps=2",
-    "value.steps_per_epoch=1",
-    "value.batch_size=16",
-    "train.updates_per_epoch=1",
-    "train.batch_size=4",
-    "train.micro_batch_size=4",
-    "eval.num_samples=4",
-    "eval.every=1",
-    "save_every=1",
-]
 
 
 def _drift_fixtures(tmp_path: Path) -> str:
@@ -147,9 +131,9 @@ def test_compare_with_adds_rows_and_checks_compatibility(tmp_path):
         load_comparisons(study, own[0], "eval/base.json")
 
 
-def test_study_with_a_vard_method_end_to_end_on_a_tiny_budget(tmp_path):
+def test_study_with_a_vard_method_end_to_end_on_a_tiny_budget(tmp_path, tiny_vard):
     """VARD trains in-process, is evaluated and gets its row; an earlier study's rows join through compare_with."""
-    overrides = "[" + ", ".join(TINY_VARD) + "]"
+    overrides = "[" + ", ".join(tiny_vard) + "]"
     methods = '{vard: {config: "envs_configs/digits_vard_{reward}.yaml", algo: vard}}'
     evaluation = "evaluation: {num_samples: 10, num_steps: 4, batch_size: 10}\n"
     config = _study_yaml(tmp_path, methods, f"overrides: {overrides}\n{evaluation}")

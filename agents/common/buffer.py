@@ -69,6 +69,7 @@ class RolloutBuffer:
 
     def add(self, x: Tensor, x_next: Tensor, k: Tensor, c: Tensor, log_prob: Tensor, traj: Tensor) -> None:
         """Store one step of a batch (``(B, …)`` tensors); call only for stochastic steps."""
+        self._block_size = x.shape[0]
         for name, value in (("x", x), ("x_next", x_next), ("k", k), ("c", c), ("log_prob", log_prob), ("traj", traj)):
             self._steps[name].append(value.detach().to(self.device))
 
@@ -77,7 +78,20 @@ class RolloutBuffer:
         self._traj["rewards"].append(rewards.detach().to(self.device).float())
 
     def _cat(self, store: dict[str, list[Tensor]], name: str) -> Tensor:
-        return torch.cat(store[name]) if store[name] else torch.empty(0, device=self.device)
+        parts = store[name]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.empty(0, device=self.device)
+
+    def _consolidate(self) -> dict[str, Tensor]:
+        """Concatenate each stored field once, in place, freeing the per-step blocks.
+
+        The update's chunks then index one tensor per field instead of re-concatenating the whole
+        buffer for every chunk (which held two copies of it in memory).
+        """
+        for name in self._steps:
+            self._steps[name] = [self._cat(self._steps, name)]
+        return {name: parts[0] for name, parts in self._steps.items()}
 
     @property
     def rewards(self) -> Tensor:
@@ -125,17 +139,21 @@ class RolloutBuffer:
         blocks = self._steps["traj"]
         if not blocks:
             return torch.empty(0, dtype=torch.long, device=self.device)
-        b = blocks[0].shape[0]
+        b = self._block_size
         width = b * world_size
+        traj = self._cat(self._steps, "traj")
+        batch_of_block = torch.div(traj.view(-1, b)[:, 0], b, rounding_mode="floor")
         rows = torch.arange(width, device=self.device)
-        return torch.cat([torch.div(block[0], b, rounding_mode="floor") * width + rows for block in blocks])
+        return (batch_of_block.view(-1, 1) * width + rows.view(1, -1)).reshape(-1)
 
     def minibatches(self, order: Tensor, batch_size: int) -> list[TransitionBatch]:
         """The pairs in ``order`` (a permutation of ``range(len(self))``), cut into minibatches."""
         if self.advantages is None and self.pair_advantages is None:
             raise RuntimeError("set_advantages() or set_pair_advantages() before sampling minibatches")
-        flat = {name: self._cat(self._steps, name) for name in self._steps}
-        cond_noise = torch.cat(self._cond_noise) if self._cond_noise else None
+        flat = self._consolidate()
+        if len(self._cond_noise) > 1:
+            self._cond_noise = [torch.cat(self._cond_noise)]
+        cond_noise = self._cond_noise[0] if self._cond_noise else None
         out = []
         for idx in order.to(self.device).split(batch_size):
             traj = flat["traj"][idx]
