@@ -332,6 +332,23 @@ def log_prob(x_prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return torch.where(zero.flatten(1).all(dim=1), torch.zeros_like(lp), lp)
 
 
+def kl_same_std(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """``KL(N(μ, σ²) ‖ N(μ_ref, σ²))`` per sample, averaged over pixels: ``mean((μ − μ_ref)² / 2σ²)``.
+
+    The KL of a policy step to a reference model's step at the same state (both Gaussians share
+    the scheduler's σ). Deterministic steps (σ = 0) have KL 0.
+
+    Args:
+        mean: ``(B, …)`` the policy's means.
+        ref_mean: ``(B, …)`` the reference's means.
+        std: σ, broadcastable to ``mean`` with a leading batch dimension.
+    """
+    zero = std == 0
+    safe = torch.where(zero, torch.ones_like(std), std)
+    kl = ((mean - ref_mean) ** 2 / (2 * safe**2)).flatten(1).mean(1)
+    return torch.where(zero.flatten(1).all(1), torch.zeros_like(kl), kl)
+
+
 def add_noise(x0: Tensor, noise: Tensor, k: StepIndex, schedule: DenoisingSchedule) -> Tensor:
     """Noise clean images to step index ``k``: ``sqrt(ᾱ_{t_k})·x0 + sqrt(1 − ᾱ_{t_k})·noise``.
 

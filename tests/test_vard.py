@@ -8,7 +8,7 @@ import torch
 from agents.common.checkpoint import latest_checkpoint, load_checkpoint
 from agents.ppo_is.config import ConfigError
 from agents.vard.config import VardConfig, load_vard_config
-from agents.vard.trainer import _kl_to_reference, train
+from agents.vard.trainer import train
 from agents.vard.value import ValueData, ValueNetwork, explained_variance, fit_value, state_timesteps
 from diffusion_gym import sampling
 from diffusion_gym.digits import load_digits_dataset
@@ -83,7 +83,7 @@ def test_value_gradient_reaches_the_image():
 def test_kl_to_reference_known_values():
     mean, ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     std = torch.tensor([0.5, 0.0]).view(2, 1, 1, 1)
-    torch.testing.assert_close(_kl_to_reference(mean, ref, std), torch.tensor([2.0, 0.0]))  # 1/(2·0.25); σ=0 → 0
+    torch.testing.assert_close(sampling.kl_same_std(mean, ref, std), torch.tensor([2.0, 0.0]))  # 1/(2·0.25); σ=0 → 0
 
 
 def test_vard_raises_a_reward_on_the_embedded_model_and_checkpoints(tmp_path):

@@ -249,12 +249,6 @@ def collect(
             buffer.final_potentials.append(group_cosine_diversity(gather(diversity_features(step.x_prev)), keys))
 
 
-def _kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL(N(μ, σ²) ‖ N(μ_ref, σ²)) averaged over pixels: ``mean((μ − μ_ref)² / 2σ²)``."""
-    safe = torch.where(std == 0, torch.ones_like(std), std)
-    return ((mean - ref_mean) ** 2 / (2 * safe**2)).flatten(1).mean(1)
-
-
 def _owned_pairs(chunk: torch.Tensor, batch_envs: int, shard: Shard | None) -> torch.Tensor:
     """Buffer positions of the pairs of ``chunk`` (global pair indices) that this process collected.
 
@@ -328,7 +322,7 @@ def update(
                     with torch.no_grad():
                         ref_c = mb.c if reference.conditional else None
                         ref = reference.evaluate(mb.x, mb.k, ref_c, mb.x_next, mb.cond_noise)
-                    kl = _kl_to_reference(out.mean, ref.mean, out.std)
+                    kl = sampling.kl_same_std(out.mean, ref.mean, out.std)
                     loss_per = loss_per + t.kl_coef * kl
                     sums["kl_ref"] += kl.detach().sum()
                 loss = loss_per.sum() / chunk.numel()

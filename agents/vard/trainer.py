@@ -96,14 +96,6 @@ class VardResult(TrainResult):
     epochs: list[VardEpochStats] = field(default_factory=list)  # type: ignore[assignment]
 
 
-def _kl_to_reference(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
-    """KL(N(μ, σ²) ‖ N(μ_ref, σ²)) averaged over pixels: ``mean((μ − μ_ref)² / 2σ²)`` (0 where σ = 0)."""
-    zero = std == 0
-    safe = torch.where(zero, torch.ones_like(std), std)
-    kl = ((mean - ref_mean) ** 2 / (2 * safe**2)).flatten(1).mean(1)
-    return torch.where(zero.flatten(1).all(1), torch.zeros_like(kl), kl)
-
-
 def policy_update(
     policy: DiffusionPolicy,
     reference: DiffusionPolicy | None,
@@ -165,7 +157,7 @@ def policy_update(
                     if use_kl:
                         with torch.no_grad():
                             ref_mean = sampling.step_mean(reference.model_output(x, kc, c), x, kc, schedule)
-                        kl = _kl_to_reference(step.mean, ref_mean, step.std)
+                        kl = sampling.kl_same_std(step.mean, ref_mean, step.std)
                         kl = torch.where(deterministic[kc], torch.zeros_like(kl), kl)
                     else:
                         kl = torch.zeros_like(v_next)
