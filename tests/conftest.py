@@ -6,6 +6,8 @@ import socket
 import pytest
 import torch
 
+from diffusion_gym.models import load_model
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -44,3 +46,19 @@ def tiny_vard() -> list[str]:
         "eval.every=1",
         "save_every=1",
     ]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The embedded digits model (loaded once per test module)."""
+    return load_model("embedded:digits")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: the embedded networks are tiny, so one thread is as fast on
+    quiet cores and far faster on busy ones (use with ``pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,23 +6,11 @@ import torch
 
 from diffusion_gym import sampling
 from diffusion_gym.envs import DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv
-from diffusion_gym.models import load_model
+
+# The embedded networks are tiny: one thread is as fast on quiet cores and far faster on busy ones.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 4
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("embedded:digits")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The embedded UNet is tiny: one thread is as fast on quiet cores and far faster on busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class CountingDenoiser:

@@ -19,11 +19,6 @@ K = 10  # a short chain keeps the tests fast
 WINDOW = [(5, 7)]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load_model("embedded:digits")
-
-
 def _venv(model, num_envs=8, **kwargs):
     kwargs = {"num_steps": K, "window": WINDOW, **kwargs}
     return DiffusionVecEnv(DiffusionDenoiseVectorEnv(num_envs=num_envs, model=model, **kwargs))

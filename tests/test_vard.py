@@ -15,6 +15,9 @@ from diffusion_gym.digits import load_digits_dataset
 from diffusion_gym.models import load_model
 from diffusion_gym.rewards import register_reward
 
+# The embedded networks are tiny: one thread is as fast on quiet cores and far faster on busy ones.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "envs_configs"
 
 
@@ -26,15 +29,6 @@ def _brightness_factory():
 
 
 register_reward("test_mean_brightness", _brightness_factory, overwrite=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is as fast on quiet cores and far faster on busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _noisy_digits(n, schedule, steps, generator):

@@ -6,28 +6,16 @@ import torch
 
 from diffusion_gym import sampling
 from diffusion_gym.envs import DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv
-from diffusion_gym.models import load_model
 from diffusion_gym.wrappers import GroupDiversityPotential, PotentialShaping, VectorPotentialShaping
+
+# The embedded networks are tiny: one thread is as fast on quiet cores and far faster on busy ones.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 4
 
 
 def brightness(images, conditions=None):
     return images.mean(dim=(1, 2, 3))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("embedded:digits")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The embedded UNet is tiny: one thread is as fast on quiet cores and far faster on busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def single_potential(obs):

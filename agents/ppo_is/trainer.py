@@ -124,12 +124,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _make_env(
-    config: Config, policy: DiffusionPolicy, loaded: Any, dist: Distributed | None = None
+def make_env(
+    config: Any, policy: DiffusionPolicy, loaded: Any, dist: Distributed | None = None
 ) -> DiffusionDenoiseVectorEnv:
+    """The trainers' native vector env from a config's ``sample`` and ``env`` sections (PPO-IS and VARD).
+
+    Args:
+        config: a PPO-IS or VARD config (its ``sample``, ``env`` and ``device``).
+        policy: the policy whose current weights the env's probes and model references use.
+        loaded: the loaded model (scheduler and UNet).
+        dist: under ``torchrun``, this process's share of the global batch (a :class:`Shard`).
+
+    Raises:
+        ValueError: for ``sample.start_mode`` other than ``shared`` (the trainers collect whole batches).
+    """
     s, e = config.sample, config.env
     if s.start_mode != "shared":
-        raise ValueError("the PPO-IS trainer collects whole batches: sample.start_mode must be 'shared' for now")
+        raise ValueError("the trainers collect whole batches: sample.start_mode must be 'shared' for now")
     shard = None
     if dist is not None and dist.enabled:
         shard = Shard(dist.rank, dist.world_size, dist.all_gather_cat)
@@ -577,7 +588,7 @@ def _train(
     if config.train.lora_rank > 0:
         add_lora(policy.unet, config.train.lora_rank, config.train.lora_alpha or None)
         policy.ensure_memory_format()
-    envs = _make_env(config, policy, loaded, dist)
+    envs = make_env(config, policy, loaded, dist)
     shard = envs.core.shard
     num_batches = config.sample.num_batches_per_epoch
     t = config.train

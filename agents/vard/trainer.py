@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +43,6 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from diffusion_gym import metrics, sampling
-from diffusion_gym.envs import DiffusionDenoiseVectorEnv
 from diffusion_gym.models import load_model
 
 from ..common.checkpoint import (
@@ -55,7 +53,7 @@ from ..common.checkpoint import (
     save_checkpoint,
 )
 from ..common.policy import DiffusionPolicy
-from ..ppo_is.trainer import TrainResult
+from ..ppo_is.trainer import TrainResult, make_env
 from .config import VardConfig, dump_vard_config
 from .value import (
     ValueBuffer,
@@ -218,26 +216,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _make_env(config: VardConfig, loaded: Any, policy: DiffusionPolicy) -> DiffusionDenoiseVectorEnv:
-    s, e = config.sample, config.env
-    return DiffusionDenoiseVectorEnv(
-        num_envs=s.num_envs,
-        model=loaded,
-        reward=e.reward,
-        reward_kwargs=e.reward_kwargs,
-        window=e.window if isinstance(e.window, str) else [tuple(c) for c in e.window],
-        window_kwargs=e.window_kwargs,
-        num_steps=s.num_steps,
-        eta=s.eta,
-        references=e.references,
-        denoiser=policy.denoiser(),
-        samples_per_reference=s.samples_per_reference,
-        probe_size=e.probe_size,
-        device=config.device,
-        check_actions=False,
-    )
-
-
 def _save_grid(images: Tensor, path: Path, num_classes: int | None) -> None:
     from torchvision.utils import save_image
 
@@ -282,7 +260,7 @@ def train(
     reference = None
     if config.train.kl_coef > 0:
         reference = DiffusionPolicy(copy.deepcopy(loaded.unet).requires_grad_(False), schedule)
-    envs = _make_env(config, loaded, policy)
+    envs = make_env(config, policy, loaded)
     sample_shape, num_classes = envs.core.sample_shape, envs.core.num_classes
     v = config.value
     value = ValueNetwork(
