@@ -268,6 +268,6 @@ def check_values(config: Config, source: str = "<config>") -> None:
         )
 
 
-def dump_config(config: Config) -> str:
+def dump_config(config: BaseModel) -> str:
     """The config as YAML (written next to every run)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

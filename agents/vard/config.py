@@ -10,16 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from ..ppo_is.config import ConfigError, EnvConfig, EvalConfig, SampleConfig, check_values, read_config_data
+from ..ppo_is.config import (
+    ConfigError,
+    EnvConfig,
+    EvalConfig,
+    SampleConfig,
+    _format_errors,
+    _Section,
+    check_values,
+    dump_config,
+    read_config_data,
+)
 
 __all__ = ["VardConfig", "VardTrainConfig", "ValueConfig", "dump_vard_config", "load_vard_config"]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ValueConfig(_Section):
@@ -68,14 +73,6 @@ class VardConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def load_vard_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VardConfig:
     """Read a VARD YAML config, apply ``key=value`` overrides, validate.
 
@@ -99,4 +96,4 @@ def load_vard_config(path: str | Path | None = None, overrides: list[str] | None
 
 def dump_vard_config(config: VardConfig) -> str:
     """The config as YAML (written next to every run)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return dump_config(config)
