@@ -37,7 +37,7 @@ import io
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ __all__ = [
     "LaionAestheticScorer",
     "RewardFn",
     "available_rewards",
+    "host_reward",
     "clip_hub_files",
     "digit_confidence",
     "jpeg_compressibility",
@@ -68,6 +69,8 @@ __all__ = [
     "laion_aesthetic",
     "make_reward",
     "register_reward",
+    "reward_async",
+    "runs_on_host",
     "set_jpeg_workers",
 ]
 
@@ -220,6 +223,97 @@ def make_reward(spec: str | RewardFn, **kwargs: Any) -> RewardFn:
 
 
 # --------------------------------------------------------------------------------------------------
+# Host rewards computed in the background
+# --------------------------------------------------------------------------------------------------
+
+_reward_worker: ThreadPoolExecutor | None = None
+_reward_worker_lock = threading.Lock()
+
+
+def host_reward(fn: RewardFn) -> RewardFn:
+    """Mark ``fn`` as a *host reward*: it computes on the CPU, whatever device the images are on.
+
+    The JPEG rewards are host rewards. :func:`reward_async` runs host rewards on a background thread,
+    so that a GPU keeps working (e.g. on the next batch of episodes) while the CPU scores the last
+    one. Mark a custom reward the same way when it only needs the images on the host (a compressor,
+    an external program); rewards that run a network on the images' device should stay unmarked.
+
+    Args:
+        fn: the reward function; its attribute ``runs_on_host`` is set to ``True``.
+
+    Returns:
+        ``fn`` itself (usable as a decorator).
+    """
+    fn.runs_on_host = True  # type: ignore[attr-defined]
+    return fn
+
+
+def runs_on_host(reward_fn: RewardFn) -> bool:
+    """Whether ``reward_fn`` (or the function a :class:`CheckedReward` wraps) is a :func:`host_reward`."""
+    return bool(getattr(reward_fn, "runs_on_host", False))
+
+
+def _host_snapshot(value: Any) -> Any:
+    """A host copy of a tensor that the caller may overwrite next.
+
+    CUDA tensors are copied into pinned memory without blocking (ordered on the current stream);
+    CPU tensors are cloned; anything else (prompts, ``None``) is returned as is.
+    """
+    if not isinstance(value, Tensor):
+        return value
+    value = value.detach()
+    if value.device.type != "cuda":
+        return value.clone()
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    return host.copy_(value, non_blocking=True)
+
+
+def _get_reward_worker() -> ThreadPoolExecutor:
+    global _reward_worker
+    with _reward_worker_lock:
+        if _reward_worker is None:  # one thread: batches are scored in submission order
+            _reward_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusion_gym-reward")
+        return _reward_worker
+
+
+def reward_async(reward_fn: RewardFn, images: Tensor, conditions: Any = None) -> Future[Tensor]:
+    """Start ``reward_fn(images, conditions)`` and return its future, without waiting for the device.
+
+    A host reward (:func:`runs_on_host`) is scored on a background thread: CUDA images and class ids
+    are first copied into pinned host memory without blocking, and the thread waits for that copy
+    alone (a CUDA event), so the caller can go on queueing GPU work, e.g. the next batch's denoising
+    steps, while the CPU encodes. The caller may overwrite ``images`` at once. The rewards are those
+    of a direct call; the result lies on the host. Any other reward is computed now, on the caller's
+    thread (the returned future is already done), since it would compete for the device anyway.
+
+    Args:
+        reward_fn: a reward function (see :data:`RewardFn`).
+        images: ``(B, C, H, W)`` images in ``[0, 1]``.
+        conditions: class ids, prompts or ``None``.
+
+    Returns:
+        A future of the ``(B,)`` float32 rewards; ``result()`` re-raises any error of the reward.
+    """
+    if not runs_on_host(reward_fn):
+        future: Future[Tensor] = Future()
+        future.set_result(reward_fn(images, conditions))
+        return future
+    devices = {v.device for v in (images, conditions) if isinstance(v, Tensor) and v.device.type == "cuda"}
+    images, conditions = _host_snapshot(images), _host_snapshot(conditions)
+    events = []
+    for device in devices:  # the copies were queued on each device's current stream
+        events.append(torch.cuda.Event())
+        events[-1].record(torch.cuda.current_stream(device))
+
+    def score() -> Tensor:
+        for event in events:
+            event.synchronize()  # this thread waits for the copies; the caller's stream keeps running
+        return reward_fn(images, conditions)
+
+    return _get_reward_worker().submit(score)
+
+
+# --------------------------------------------------------------------------------------------------
 # JPEG compressibility (ddpo-pytorch's convention)
 # --------------------------------------------------------------------------------------------------
 
@@ -251,14 +345,15 @@ def set_jpeg_workers(num_workers: int) -> None:
         old.shutdown(wait=True)
 
 
-def _forget_jpeg_pool_after_fork() -> None:
-    # A forked child inherits the pool object but not its threads: start a fresh pool there.
-    global _jpeg_pool, _jpeg_pool_lock
+def _forget_pools_after_fork() -> None:
+    # A forked child inherits the pool objects but not their threads: start fresh pools there.
+    global _jpeg_pool, _jpeg_pool_lock, _reward_worker, _reward_worker_lock
     _jpeg_pool, _jpeg_pool_lock = None, threading.Lock()
+    _reward_worker, _reward_worker_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_jpeg_pool_after_fork)
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def _get_jpeg_pool() -> ThreadPoolExecutor:
@@ -321,7 +416,7 @@ def jpeg_incompressibility(quality: int = JPEG_QUALITY) -> RewardFn:
     def jpeg_incompressibility_reward(images: Tensor, conditions: Any = None) -> Tensor:
         return jpeg_size_kb(images, quality)
 
-    return jpeg_incompressibility_reward
+    return host_reward(jpeg_incompressibility_reward)
 
 
 def jpeg_compressibility(quality: int = JPEG_QUALITY) -> RewardFn:
@@ -337,7 +432,7 @@ def jpeg_compressibility(quality: int = JPEG_QUALITY) -> RewardFn:
     def jpeg_compressibility_reward(images: Tensor, conditions: Any = None) -> Tensor:
         return -jpeg_size_kb(images, quality)
 
-    return jpeg_compressibility_reward
+    return host_reward(jpeg_compressibility_reward)
 
 
 # --------------------------------------------------------------------------------------------------

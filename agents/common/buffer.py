@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from diffusion_gym.envs import PendingRewards
+
 
 class TransitionBatch(NamedTuple):
     """A minibatch of stored (sample, step) pairs (SB3-style named samples)."""
@@ -45,6 +47,7 @@ class RolloutBuffer:
         self._steps: dict[str, list[Tensor]] = {name: [] for name in ("x", "x_next", "k", "c", "log_prob", "traj")}
         self._traj: dict[str, list[Tensor]] = {name: [] for name in ("rewards", "groups", "conditions", "starts")}
         self._cond_noise: list[Tensor] = []
+        self._pending: list[tuple[int, PendingRewards]] = []
         self.num_trajectories = 0
         self.advantages: Tensor | None = None
         self.pair_advantages: Tensor | None = None
@@ -73,9 +76,22 @@ class RolloutBuffer:
         for name, value in (("x", x), ("x_next", x_next), ("k", k), ("c", c), ("log_prob", log_prob), ("traj", traj)):
             self._steps[name].append(value.detach().to(self.device))
 
-    def end_batch(self, rewards: Tensor) -> None:
-        """Record the final rewards ``(B,)`` of the batch's trajectories."""
-        self._traj["rewards"].append(rewards.detach().to(self.device).float())
+    def end_batch(self, rewards: Tensor | PendingRewards) -> None:
+        """Record the final rewards ``(B,)`` of the batch's trajectories.
+
+        ``rewards`` may still be computing (the env's ``info["pending_reward"]``); they are waited
+        for when :attr:`rewards` is first read, so the next batch's rollout overlaps with them.
+        """
+        if isinstance(rewards, PendingRewards):
+            self._pending.append((len(self._traj["rewards"]), rewards))
+            self._traj["rewards"].append(torch.empty(0))  # placeholder until resolved
+        else:
+            self._traj["rewards"].append(rewards.detach().to(self.device).float())
+
+    def _resolve_rewards(self) -> None:
+        for position, pending in self._pending:
+            self._traj["rewards"][position] = pending.result().to(self.device).float()
+        self._pending = []
 
     def _cat(self, store: dict[str, list[Tensor]], name: str) -> Tensor:
         parts = store[name]
@@ -95,7 +111,8 @@ class RolloutBuffer:
 
     @property
     def rewards(self) -> Tensor:
-        """``(M,)`` final rewards of all trajectories."""
+        """``(M,)`` final rewards of all trajectories (waits for any still being computed)."""
+        self._resolve_rewards()
         return self._cat(self._traj, "rewards")
 
     @property

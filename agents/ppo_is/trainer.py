@@ -125,7 +125,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def make_env(
-    config: Any, policy: DiffusionPolicy, loaded: Any, dist: Distributed | None = None
+    config: Any,
+    policy: DiffusionPolicy,
+    loaded: Any,
+    dist: Distributed | None = None,
+    defer_rewards: bool = False,
 ) -> DiffusionDenoiseVectorEnv:
     """The trainers' native vector env from a config's ``sample`` and ``env`` sections (PPO-IS and VARD).
 
@@ -134,6 +138,8 @@ def make_env(
         policy: the policy whose current weights the env's probes and model references use.
         loaded: the loaded model (scheduler and UNet).
         dist: under ``torchrun``, this process's share of the global batch (a :class:`Shard`).
+        defer_rewards: start the terminal rewards in the background (see
+            :class:`~diffusion_gym.envs.DiffusionDenoiseVectorEnv`); for :func:`collect`.
 
     Raises:
         ValueError: for ``sample.start_mode`` other than ``shared`` (the trainers collect whole batches).
@@ -160,6 +166,7 @@ def make_env(
         probe_size=e.probe_size,
         device=config.device,
         check_actions=False,
+        defer_rewards=defer_rewards,
     )
 
 
@@ -220,7 +227,10 @@ def collect(
     Between resets the step loop never waits for the device: step indices are mirrored on the host,
     actions and log-probs stay on the device, the env copies nothing to it on plain steps, and the
     policy noise comes from :func:`policy_noise_sampler` (``noise``: ``"cpu"`` or ``"device"``, see
-    there). The reward and the autoreset at the end of a batch do synchronise.
+    there). The autoreset at the end of a batch synchronises. The reward does too, unless the env
+    defers it (``defer_rewards=True``, as :func:`make_env` builds it): then a host reward (JPEG) is
+    scored on a background thread while the next batch is rolled out, and ``buffer.rewards`` waits
+    for the last one.
 
     DRIFT: with the policy's ``condition_noise`` on, each episode draws one condition-noise
     direction at the start of its batch (from ``generator``, for the global batch); with
@@ -253,7 +263,7 @@ def collect(
                 if keys is not None:
                     potentials.append(group_cosine_diversity(gather(diversity_features(step.x0)), keys))
             obs, rewards, terminated, _, info = envs.step(step.x_prev)
-        buffer.end_batch(rewards)
+        buffer.end_batch(info.get("pending_reward", rewards))  # an env with defer_rewards scores in the background
         if keys is not None and step is not None:
             phi = torch.stack(potentials) if potentials else torch.zeros((0, keys.numel()), device=keys.device)
             buffer.potentials.append(phi)
@@ -588,7 +598,7 @@ def _train(
     if config.train.lora_rank > 0:
         add_lora(policy.unet, config.train.lora_rank, config.train.lora_alpha or None)
         policy.ensure_memory_format()
-    envs = make_env(config, policy, loaded, dist)
+    envs = make_env(config, policy, loaded, dist, defer_rewards=True)
     shard = envs.core.shard
     num_batches = config.sample.num_batches_per_epoch
     t = config.train
