@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agents.common.buffer import RolloutBuffer  # noqa: E402
+from agents.common.micro_batch import MicroBatchSize  # noqa: E402
 from agents.common.policy import DiffusionPolicy  # noqa: E402
 from agents.ppo_is.config import load_config  # noqa: E402
 from agents.ppo_is.trainer import collect, train, update  # noqa: E402
@@ -451,14 +452,21 @@ def our_update(
     warmup = time.perf_counter() - tic
     pairs = _first_pairs(rollout["buffer"], max_pairs)
     times, first_dev = [], None
+    micro = MicroBatchSize(micro_batch, "--micro-batch")  # what the trainer does: halve on out-of-memory
     for _ in range(repeats):
         sync(device)
         tic = time.perf_counter()
-        logged = update(policy, pairs, optimizer, config, generator)
+        logged = update(policy, pairs, optimizer, config, generator, micro_batch=micro)
         sync(device)
         times.append(time.perf_counter() - tic)
         first_dev = logged["first_ratio_max_dev"] if first_dev is None else first_dev
-    return {"seconds": min(times), "pairs": len(pairs), "warmup_seconds": warmup, "first_ratio_max_dev": first_dev}
+    return {
+        "seconds": min(times),
+        "pairs": len(pairs),
+        "warmup_seconds": warmup,
+        "first_ratio_max_dev": first_dev,
+        "micro_batch": micro.size,
+    }
 
 
 def our_epoch(variant: Variant, config_path: Path, model: str, device: str, epochs: int) -> dict[str, Any]:
@@ -513,7 +521,7 @@ def table(rows: list[dict[str, Any]], peak_tflops: float | None) -> str:
             _fmt(r.get("mfu"), ".1%"),
             _fmt(r.get("env_overhead"), ".1%"),
             _fmt(r.get("peak_gib"), ".2f"),
-            u.get("error") or _fmt(u.get("pairs_per_s"), ".1f"),
+            u.get("error") or _fmt(u.get("pairs_per_s"), ".1f") + _shrunk(u, row),
             _fmt(u.get("mfu"), ".1%"),
             _fmt(u.get("peak_gib"), ".2f"),
             _fmt(warm, ".1f"),
@@ -529,6 +537,13 @@ def table(rows: list[dict[str, Any]], peak_tflops: float | None) -> str:
             "background thread while the next batch runs (`syncreward`: on the main thread, as before).",
         ]
     return "\n".join(lines)
+
+
+def _shrunk(update: dict[str, Any], row: dict[str, Any]) -> str:
+    """A note when the update ran out of memory and went on at a smaller micro-batch."""
+    requested = row.get("micro_batch_requested")
+    used = update.get("micro_batch")
+    return f" (micro-batch {used}: {requested} ran out of memory)" if used and requested and used < requested else ""
 
 
 def _rates(out: dict[str, Any], work: float, flops: float, peak: float | None) -> dict[str, Any]:
@@ -590,7 +605,23 @@ def variant_row(
     upd = guarded(device, update_) if "error" not in roll else {"error": "skipped"}
     for key in ("buffer", "policy"):
         roll.pop(key, None)
-    return {"path": f"ours: {variant.name}", "variant": asdict(variant), "rollout": roll, "update": upd}
+    return {
+        "path": f"ours: {variant.name}",
+        "variant": asdict(variant),
+        "rollout": roll,
+        "update": upd,
+        "micro_batch_requested": args.micro_batch,
+    }
+
+
+def fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One path's row from its rounds: the fastest rollout and the fastest update (an error if all failed)."""
+    row = dict(runs[0])
+    for part in ("rollout", "update"):
+        ok = [run[part] for run in runs if "error" not in run[part]]
+        row[part] = min(ok, key=lambda out: out["seconds"]) if ok else runs[0][part]
+        row[part]["repeats"] = len(runs)
+    return row
 
 
 def epoch_table(epochs: list[dict[str, Any]], config: Path, model: str) -> str:
@@ -622,7 +653,12 @@ def parse_args() -> argparse.Namespace:
         default=2,
         help="timed rollout batches per variant (>= 2: deferred rewards overlap with the next batch)",
     )
-    add("--repeats", type=int, default=None, help="timed runs of each path, the fastest counts (cuda 1, cpu 3)")
+    add(
+        "--repeats",
+        type=int,
+        default=None,
+        help="rounds of timed runs, each path once per round; the fastest counts (cuda 1, cpu 3)",
+    )
     add("--micro-batch", type=int, default=None, help="update pairs per forward/backward (cuda 16, cpu 64)")
     add("--update-pairs", type=int, default=None, help="pairs timed per update (cuda 512, cpu: all)")
     add(
@@ -701,9 +737,12 @@ def main() -> None:
         unet.load_state_dict(initial)
         return LoadedModel(unet.to(memory_format=torch.contiguous_format).eval(), loaded.scheduler)
 
-    rows = [naive_row(fresh(), args, flops, args.peak_tflops)]
-    for variant in args.variants:
-        rows.append(variant_row(variant, fresh(), args, flops, args.peak_tflops))
+    once = argparse.Namespace(**{**vars(args), "repeats": 1})
+    rounds = []
+    for _ in range(args.repeats):  # every path once per round: a drifting machine speed biases none of them
+        rounds.append([naive_row(fresh(), once, flops, args.peak_tflops)])
+        rounds[-1] += [variant_row(variant, fresh(), once, flops, args.peak_tflops) for variant in args.variants]
+    rows = [fastest([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     for row in rows:
         r, u = row["rollout"], row["update"]
         print(

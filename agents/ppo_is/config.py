@@ -71,7 +71,9 @@ class TrainConfig(_Section):
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon")
     max_grad_norm: float = Field(4.5, gt=0, description="gradient-norm clipping (paper: 4.5)")
     num_inner_epochs: int = Field(1, ge=1, description="passes over the collected data per epoch")
-    batch_size: int = Field(64, ge=1, description="(sample, step) pairs per forward/backward micro-batch")
+    batch_size: int = Field(
+        64, ge=1, description="(sample, step) pairs per forward/backward micro-batch (halved on out-of-memory)"
+    )
     gradient_updates_per_epoch: int = Field(1, ge=1, description="optimizer steps per inner epoch (paper: 1)")
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip ε (paper: 1e-4)")
     adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to ±this")

@@ -36,6 +36,7 @@ computes what one process with the same config computes (to float rounding):
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -69,8 +70,9 @@ from ..common.drift import (
     group_keys,
     shaped_step_advantages,
 )
+from ..common.micro_batch import MicroBatchSize
 from ..common.policy import DiffusionPolicy, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
-from .config import Config, ConfigError, dump_config
+from .config import Config, ConfigError, TrainConfig, dump_config
 
 
 class TrainingDivergedError(RuntimeError):
@@ -285,6 +287,61 @@ def _owned_pairs(chunk: torch.Tensor, batch_envs: int, shard: Shard | None) -> t
     return (mine // width) * batch_envs + (mine % width) % batch_envs
 
 
+@dataclass
+class _ChunkGradient:
+    """What one chunk's gradient accumulation logged: sums over its pairs (device tensors)."""
+
+    sums: dict[str, torch.Tensor]
+    count: torch.Tensor
+    loss: torch.Tensor
+    first_dev: torch.Tensor | None
+
+
+def _chunk_gradient(
+    policy: DiffusionPolicy,
+    buffer: RolloutBuffer,
+    mine: torch.Tensor,
+    chunk_size: int,
+    t: TrainConfig,
+    reference: DiffusionPolicy | None,
+    micro_batch: int,
+) -> _ChunkGradient:
+    """Accumulate the clipped PPO-IS loss's gradient of this process's pairs ``mine`` of a chunk.
+
+    The loss is summed over pairs and divided by the (global) ``chunk_size``; the pairs go through
+    the UNet ``micro_batch`` at a time.
+    """
+    sums = {name: torch.zeros((), device=buffer.device) for name in ("loss", "approx_kl", "clipfrac", "kl_ref")}
+    count = torch.zeros((), device=buffer.device)
+    chunk_loss = torch.zeros((), device=buffer.device)
+    first_dev = None
+    for mb in buffer.minibatches(mine, micro_batch) if mine.numel() else []:
+        out = policy.evaluate(mb.x, mb.k, mb.c if policy.conditional else None, mb.x_next, mb.cond_noise)
+        log_ratio = out.log_prob - mb.log_prob
+        ratio = torch.exp(log_ratio)
+        if first_dev is None:  # the chunk's first micro-batch (after the rollout: the ratio should be 1)
+            first_dev = (ratio.detach() - 1).abs().max()
+        adv = mb.advantages
+        unclipped = -adv * ratio
+        clipped = -adv * torch.clamp(ratio, 1.0 - t.clip_range, 1.0 + t.clip_range)
+        loss_per = torch.maximum(unclipped, clipped)
+        if reference is not None and t.kl_coef > 0:
+            with torch.no_grad():
+                ref_c = mb.c if reference.conditional else None
+                ref = reference.evaluate(mb.x, mb.k, ref_c, mb.x_next, mb.cond_noise)
+            kl = sampling.kl_same_std(out.mean, ref.mean, out.std)
+            loss_per = loss_per + t.kl_coef * kl
+            sums["kl_ref"] += kl.detach().sum()
+        loss = loss_per.sum() / chunk_size
+        loss.backward()
+        chunk_loss = chunk_loss + loss.detach()
+        sums["loss"] += loss_per.detach().sum()
+        sums["approx_kl"] += 0.5 * (log_ratio.detach() ** 2).sum()
+        sums["clipfrac"] += ((ratio.detach() - 1).abs() > t.clip_range).float().sum()
+        count += ratio.shape[0]
+    return _ChunkGradient(sums, count, chunk_loss, first_dev)
+
+
 def update(
     policy: DiffusionPolicy,
     buffer: RolloutBuffer,
@@ -295,11 +352,17 @@ def update(
     dist: Distributed | None = None,
     shard: Shard | None = None,
     keep_pairs: torch.Tensor | None = None,
+    micro_batch: MicroBatchSize | None = None,
 ) -> dict[str, float]:
     """The PPO-IS update over the buffer; returns the logged statistics.
 
     ``keep_pairs``: a bool mask over the global (sample, step) pairs (DRIFT's reward-concentrated
     subset); only those are shuffled into the chunks (the shuffle draws the same permutation either way).
+
+    ``micro_batch``: the pairs per forward/backward, kept across updates (default: a new
+    :class:`~agents.common.micro_batch.MicroBatchSize` of ``train.batch_size``). When a micro-batch
+    runs out of memory, the size halves and the chunk is recomputed from a zero gradient: the update
+    is then exactly that of the smaller configured size.
 
     Statistics stay on the device until the end; the only host sync per optimizer step is the
     finiteness check of the chunk's loss and gradient norm, made before the step.
@@ -310,6 +373,7 @@ def update(
     """
     t = config.train
     dist = dist if dist is not None else Distributed()
+    micro_batch = micro_batch if micro_batch is not None else MicroBatchSize(t.batch_size)
     params = list(policy.trainable_parameters())
     world = shard.world_size if shard is not None else 1
     batch_envs = config.sample.num_envs // world
@@ -318,6 +382,7 @@ def update(
     sums = {name: torch.zeros((), device=buffer.device) for name in ("loss", "approx_kl", "clipfrac", "kl_ref")}
     count = torch.zeros((), device=buffer.device)
     first_dev: torch.Tensor | None = None
+    reset = functools.partial(optimizer.zero_grad, set_to_none=True)
     policy.train()
     for _ in range(t.num_inner_epochs):
         order = torch.randperm(n, generator=generator)
@@ -326,33 +391,16 @@ def update(
         for chunk in order.tensor_split(t.gradient_updates_per_epoch):
             if chunk.numel() == 0:
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            chunk_loss = torch.zeros((), device=buffer.device)
+            reset()
             mine = _owned_pairs(chunk, batch_envs, shard)
-            for mb in buffer.minibatches(mine, t.batch_size) if mine.numel() else []:
-                out = policy.evaluate(mb.x, mb.k, mb.c if policy.conditional else None, mb.x_next, mb.cond_noise)
-                log_ratio = out.log_prob - mb.log_prob
-                ratio = torch.exp(log_ratio)
-                if first_dev is None:  # the first micro-batch after the rollout: ratio should be 1
-                    first_dev = (ratio.detach() - 1).abs().max()
-                adv = mb.advantages
-                unclipped = -adv * ratio
-                clipped = -adv * torch.clamp(ratio, 1.0 - t.clip_range, 1.0 + t.clip_range)
-                loss_per = torch.maximum(unclipped, clipped)
-                if reference is not None and t.kl_coef > 0:
-                    with torch.no_grad():
-                        ref_c = mb.c if reference.conditional else None
-                        ref = reference.evaluate(mb.x, mb.k, ref_c, mb.x_next, mb.cond_noise)
-                    kl = sampling.kl_same_std(out.mean, ref.mean, out.std)
-                    loss_per = loss_per + t.kl_coef * kl
-                    sums["kl_ref"] += kl.detach().sum()
-                loss = loss_per.sum() / chunk.numel()
-                loss.backward()
-                chunk_loss = chunk_loss + loss.detach()
-                sums["loss"] += loss_per.detach().sum()
-                sums["approx_kl"] += 0.5 * (log_ratio.detach() ** 2).sum()
-                sums["clipfrac"] += ((ratio.detach() - 1).abs() > t.clip_range).float().sum()
-                count += ratio.shape[0]
+            part = micro_batch.run(
+                functools.partial(_chunk_gradient, policy, buffer, mine, chunk.numel(), t, reference), reset
+            )
+            for name, value in part.sums.items():
+                sums[name] += value
+            count += part.count
+            first_dev = part.first_dev if first_dev is None else first_dev
+            chunk_loss = part.loss
             if dist.enabled:  # sum the gradients (and the chunk loss) of all processes, in one bucketed pass
                 for p in params:
                     if p.grad is None:  # no pair of this chunk here: contribute zeros
@@ -376,6 +424,7 @@ def update(
     total_count = max(totals[-1].item(), 1.0)
     out = {name: value / total_count for name, value in zip(sums, totals[:-1].tolist(), strict=True)}
     out["first_ratio_max_dev"] = float("nan") if first.item() < 0 else first.item()
+    out["micro_batch_size"] = float(micro_batch.size)
     return out
 
 
@@ -599,6 +648,7 @@ def _train(
         add_lora(policy.unet, config.train.lora_rank, config.train.lora_alpha or None)
         policy.ensure_memory_format()
     envs = make_env(config, policy, loaded, dist, defer_rewards=True)
+    micro_batch = MicroBatchSize(config.train.batch_size)  # halves (for the run) if a micro-batch runs out of memory
     shard = envs.core.shard
     num_batches = config.sample.num_batches_per_epoch
     t = config.train
@@ -665,7 +715,7 @@ def _train(
         rewards = batch["rewards"]
         keep, drift_stats = _set_advantages(buffer, batch, config, tracker, dist, num_batches)
         keep_pairs = keep[buffer.global_pair_trajectories(dist.world_size)] if keep is not None else None
-        logged = update(policy, buffer, optimizer, config, generator, reference, dist, shard, keep_pairs)
+        logged = update(policy, buffer, optimizer, config, generator, reference, dist, shard, keep_pairs, micro_batch)
         lr_schedule.step()
         if ema is not None:
             with torch.no_grad():
@@ -693,6 +743,7 @@ def _train(
         if logged["kl_ref"]:
             writer.add_scalar("train/kl_to_reference", logged["kl_ref"], step)
         writer.add_scalar("train/learning_rate", optimizer.param_groups[0]["lr"], step)
+        writer.add_scalar("train/micro_batch_size", logged["micro_batch_size"], step)
         for key, value in stats.drift.items():
             writer.add_scalar(f"drift/{key}", value, step)
         writer.add_histogram("window/start_step", np.asarray(stats.start_steps), step)
