@@ -233,8 +233,8 @@ _reward_worker_lock = threading.Lock()
 def host_reward(fn: RewardFn) -> RewardFn:
     """Mark ``fn`` as a *host reward*: it computes on the CPU, whatever device the images are on.
 
-    The JPEG rewards are host rewards. :func:`reward_async` runs host rewards on a background thread,
-    so that a GPU keeps working (e.g. on the next batch of episodes) while the CPU scores the last
+    The JPEG rewards are host rewards. :func:`reward_async` runs host rewards of GPU images on a
+    background thread, so that the GPU keeps working (e.g. on the next batch of episodes) while the CPU scores the last
     one. Mark a custom reward the same way when it only needs the images on the host (a compressor,
     an external program); rewards that run a network on the images' device should stay unmarked.
 
@@ -276,27 +276,42 @@ def _get_reward_worker() -> ThreadPoolExecutor:
         return _reward_worker
 
 
-def reward_async(reward_fn: RewardFn, images: Tensor, conditions: Any = None) -> Future[Tensor]:
+def reward_async(
+    reward_fn: RewardFn, images: Tensor, conditions: Any = None, background: bool | None = None
+) -> Future[Tensor]:
     """Start ``reward_fn(images, conditions)`` and return its future, without waiting for the device.
 
-    A host reward (:func:`runs_on_host`) is scored on a background thread: CUDA images and class ids
-    are first copied into pinned host memory without blocking, and the thread waits for that copy
-    alone (a CUDA event), so the caller can go on queueing GPU work, e.g. the next batch's denoising
-    steps, while the CPU encodes. The caller may overwrite ``images`` at once. The rewards are those
-    of a direct call; the result lies on the host. Any other reward is computed now, on the caller's
-    thread (the returned future is already done), since it would compete for the device anyway.
+    With ``background``, the reward is scored on a background thread: CUDA images and class ids are
+    first copied into pinned host memory without blocking, and the thread waits for that copy alone
+    (a CUDA event), so the caller can go on queueing GPU work, e.g. the next batch's denoising steps,
+    while the CPU encodes. The caller may overwrite ``images`` at once. The rewards are those of a
+    direct call; the result lies on the host. Otherwise the reward is computed now, on the caller's
+    thread, and the returned future is already done.
+
+    By default (``background=None``) only a host reward (:func:`runs_on_host`) of CUDA images goes
+    to the background. A reward network would compete for the GPU anyway; and with CPU images the
+    rollout itself runs on the CPU, where a second thread's torch ops also slow the main thread's
+    OpenMP: measured on 2 cores, the JPEG quantisation run once on another thread made the embedded
+    UNet's forwards 25-45% slower for the rest of the process (libgomp throttles its spin-waits once
+    more threads exist than cores).
 
     Args:
         reward_fn: a reward function (see :data:`RewardFn`).
         images: ``(B, C, H, W)`` images in ``[0, 1]``.
         conditions: class ids, prompts or ``None``.
+        background: score on the background thread (``None``: a host reward of CUDA images).
 
     Returns:
         A future of the ``(B,)`` float32 rewards; ``result()`` re-raises any error of the reward.
     """
-    if not runs_on_host(reward_fn):
+    if background is None:
+        background = runs_on_host(reward_fn) and images.device.type == "cuda"
+    if not background:
         future: Future[Tensor] = Future()
-        future.set_result(reward_fn(images, conditions))
+        try:
+            future.set_result(reward_fn(images, conditions))
+        except Exception as error:  # noqa: BLE001 - delivered by result(), as from the background
+            future.set_exception(error)
         return future
     devices = {v.device for v in (images, conditions) if isinstance(v, Tensor) and v.device.type == "cuda"}
     images, conditions = _host_snapshot(images), _host_snapshot(conditions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -12,7 +13,7 @@ from agents.common.buffer import RolloutBuffer
 from agents.common.policy import DiffusionPolicy
 from agents.ppo_is.trainer import collect
 from diffusion_gym import sampling
-from diffusion_gym.envs import DiffusionDenoiseVectorEnv, PendingRewards
+from diffusion_gym.envs import DiffusionDenoiseVectorEnv, PendingRewards, denoise
 from diffusion_gym.rewards import host_reward, jpeg_size_kb, make_reward, reward_async, runs_on_host
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +83,9 @@ def test_deferred_rewards_of_some_envs_are_scattered_to_their_positions(model):
     assert partial > 0, "the test needs steps where only some envs end"
 
 
-def test_a_host_reward_runs_in_the_background_and_the_step_does_not_wait(model):
+def test_a_host_reward_runs_in_the_background_and_the_step_does_not_wait(model, monkeypatch):
+    # what a GPU env does (on a CPU env the reward is scored at once, see the next test)
+    monkeypatch.setattr(denoise, "reward_async", functools.partial(reward_async, background=True))
     release, seen = threading.Event(), []
 
     @host_reward
@@ -100,6 +103,18 @@ def test_a_host_reward_runs_in_the_background_and_the_step_does_not_wait(model):
     final = sampling.to_unit_range(steps[-1][2]["final_obs"]["x_t"]).mean((1, 2, 3))
     torch.testing.assert_close(pending.result(), final, rtol=0, atol=1e-6)
     assert seen and seen[0].startswith("diffusion_gym-reward")
+
+
+def test_on_a_cpu_env_a_host_reward_is_scored_at_once_on_the_calling_thread(model):
+    seen = []
+
+    @host_reward
+    def recording_reward(images, conditions):
+        seen.append(threading.current_thread())
+        return images.mean((1, 2, 3))
+
+    pending = _run_to_end(_env(model, True, reward=recording_reward))[-1][2]["pending_reward"]
+    assert pending.done() and seen == [threading.main_thread()]
 
 
 def test_a_device_reward_is_computed_at_once(model):
@@ -127,7 +142,7 @@ def test_reward_async_scores_a_snapshot_of_the_images():
 
     images, conditions = torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2])
     expected = images.mean((1, 2, 3)) + conditions.float()
-    future = reward_async(blocked_mean, images, conditions)
+    future = reward_async(blocked_mean, images, conditions, background=True)
     images.zero_()  # the caller reuses its buffers at once
     conditions.zero_()
     release.set()
@@ -159,8 +174,10 @@ def _assert_same_rollouts(a: RolloutBuffer, b: RolloutBuffer) -> None:
         assert torch.equal(value, b._consolidate()[name]), name
 
 
-def test_collect_with_deferred_rewards_gives_the_same_epoch(model):
+@pytest.mark.parametrize("background", [None, True], ids=["default", "background"])
+def test_collect_with_deferred_rewards_gives_the_same_epoch(model, monkeypatch, background):
     """The trainer's rollout (HRF-D: probes score rewards between batches too) is unchanged."""
+    monkeypatch.setattr(denoise, "reward_async", functools.partial(reward_async, background=background))
     deferred = _collect(model, True)
     assert deferred._pending, "the rewards are still pending after collect"
     _assert_same_rollouts(_collect(model, False), deferred)

@@ -231,7 +231,7 @@ def collect(
     policy noise comes from :func:`policy_noise_sampler` (``noise``: ``"cpu"`` or ``"device"``, see
     there). The autoreset at the end of a batch synchronises. The reward does too, unless the env
     defers it (``defer_rewards=True``, as :func:`make_env` builds it): then a host reward (JPEG) is
-    scored on a background thread while the next batch is rolled out, and ``buffer.rewards`` waits
+    scored on a background thread (GPU envs) while the next batch is rolled out, and ``buffer.rewards`` waits
     for the last one.
 
     DRIFT: with the policy's ``condition_noise`` on, each episode draws one condition-noise
@@ -265,7 +265,7 @@ def collect(
                 if keys is not None:
                     potentials.append(group_cosine_diversity(gather(diversity_features(step.x0)), keys))
             obs, rewards, terminated, _, info = envs.step(step.x_prev)
-        buffer.end_batch(info.get("pending_reward", rewards))  # an env with defer_rewards scores in the background
+        buffer.end_batch(info.get("pending_reward", rewards))  # with defer_rewards: possibly still being scored
         if keys is not None and step is not None:
             phi = torch.stack(potentials) if potentials else torch.zeros((0, keys.numel()), device=keys.device)
             buffer.potentials.append(phi)

@@ -368,7 +368,7 @@ class DenoiseCore:
         denoiser's x̂0 at the images being left is kept in :attr:`last_x0` (one denoiser call).
 
         With ``defer``, the terminal rewards are started with :func:`~diffusion_gym.rewards.reward_async`
-        instead (a host reward such as JPEG is scored on a background thread), kept in
+        instead (a host reward such as JPEG, on a GPU, is scored on a background thread), kept in
         :attr:`pending_rewards`, and are NaN in the returned tensor.
         """
         if not self.started or (self.k_host >= self.num_steps).any():
@@ -664,9 +664,9 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
     ``check_actions=False`` skips the NaN/bound checks (one device sync per step) on fast paths.
 
     ``defer_rewards=True`` lets an agent overlap the reward with GPU work: at a step where episodes
-    end, the env starts their rewards (a host reward such as JPEG is scored on a background thread,
-    see :func:`diffusion_gym.rewards.reward_async`) and returns at once, with NaN rewards for the
-    ended envs and ``info["pending_reward"]``, a :class:`PendingRewards` whose ``result()`` is the
+    end, the env starts their rewards (on a GPU, a host reward such as JPEG is scored on a background
+    thread, see :func:`diffusion_gym.rewards.reward_async`) and returns at once, with NaN rewards for
+    the ended envs and ``info["pending_reward"]``, a :class:`PendingRewards` whose ``result()`` is the
     ``(B,)`` rewards the step would have returned. The agent steps on (the autoreset episodes) and
     collects the rewards when it needs them. For agents that know this; any other sees NaN rewards.
     {args}
