@@ -187,9 +187,10 @@ def test_drift_subset_leaves_out_the_dropped_pairs(tmp_path, monkeypatch):
     seen = {}
     original = trainer_module.update
 
-    def spy(policy, buffer, optimizer, config, generator, reference, dist, shard, keep_pairs=None):
+    def spy(policy, buffer, optimizer, config, generator, *args, **kwargs):
+        keep_pairs = args[3] if len(args) > 3 else kwargs["keep_pairs"]
         seen["pairs"], seen["kept"] = len(buffer), int(keep_pairs.sum())
-        return original(policy, buffer, optimizer, config, generator, reference, dist, shard, keep_pairs)
+        return original(policy, buffer, optimizer, config, generator, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "update", spy)
     train(
