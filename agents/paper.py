@@ -239,8 +239,12 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
         timings.add("train", run_dir.name, seconds)
         log(f"  train {run_dir.name}: {seconds:.0f} s")
 
-    with ThreadPoolExecutor(study.jobs) as pool:
-        list(pool.map(run, todo))
+    if study.jobs == 1:  # on this thread: torch ops on a second thread slow OpenMP here (see rewards.reward_async)
+        for item in todo:
+            run(item)
+    else:
+        with ThreadPoolExecutor(study.jobs) as pool:
+            list(pool.map(run, todo))
     return runs
 
 
