@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_unet import TINY_UNET, tiny_unet
 from diffusers import UNet2DModel
 
 from agents.common.checkpoint import (
@@ -29,22 +30,6 @@ from agents.common.checkpoint import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=(8, 16),
-    norm_num_groups=4,
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D"),
-)
-
-
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(**TINY_UNET)
 
 
 def stepped_optimizer(unet: UNet2DModel) -> torch.optim.AdamW:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from _tiny_unet import tiny_unet
 
 from agents.common.drift import (
     ConditionNoise,
@@ -144,16 +144,7 @@ def test_condition_noise_changes_the_policy_and_its_log_prob_is_recomputed_exact
 
 
 def test_condition_noise_needs_a_class_embedding():
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet()  # unconditional: no class embedding to perturb
     schedule = sampling.make_schedule(load_model("embedded:digits").scheduler, 10)
     with pytest.raises(ValueError, match="drift.condition_noise"):
         DiffusionPolicy(unet, schedule, condition_noise=ConditionNoise(0.5))
