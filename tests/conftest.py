@@ -10,7 +10,8 @@ from diffusion_gym.models import load_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# DIFFUSION_GYM_TEST_THREADS=1 keeps parallel test runs on a 2-core machine from slowing each other.
+torch.set_num_threads(int(os.environ.get("DIFFUSION_GYM_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(autouse=True)
