@@ -22,8 +22,8 @@ import torch
 from diffusion_gym import __version__, sampling
 from diffusion_gym.models import DEFAULT_MODEL, MissingWeightsError, load_model
 
-ALGORITHMS = ("ppo-is", "vard")
-"""Values of ``diffusion-gym train --algo`` (and of a study method's ``algo``)."""
+from .algorithms import algorithm_names, load_run_config, train
+
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,9 +68,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="fine-tune with PPO-IS (DDPO / HRF / HRF-D) or VARD from a YAML config")
     p.add_argument(
         "--algo",
-        choices=ALGORITHMS,
-        default="ppo-is",
-        help="trainer and config schema: ppo-is (DDPO / HRF / HRF-D, default) or vard (agents/vard)",
+        choices=algorithm_names(),
+        default=None,
+        help="trainer and config schema: ppo-is (DDPO / HRF / HRF-D / DRIFT) or vard; default: the config's "
+        "algo field, else ppo-is (a contradicting config is an error)",
     )
     p.add_argument("--config", default=None, help="YAML file (envs_configs/*.yaml); default: built-in defaults")
     p.add_argument(
@@ -90,47 +91,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
-def load_train_config(algo: str, path: str | None, overrides: list[str]) -> Any:
-    """The validated config of ``algo`` (``ppo-is`` or ``vard``) from ``path`` plus ``key=value`` overrides.
-
-    Raises:
-        ConfigError: naming every bad key; a config of the other algorithm also says which ``--algo`` it fits.
-    """
-    from .ppo_is.config import ConfigError, load_config
-    from .vard.config import load_vard_config
-
-    if algo not in ALGORITHMS:
-        raise ValueError(f"unknown algo {algo!r}; choices: {list(ALGORITHMS)}")
-    load, other = (load_vard_config, "ppo-is") if algo == "vard" else (load_config, "vard")
-    try:
-        return load(path, overrides)
-    except ConfigError as error:
-        if "Extra inputs are not permitted" not in str(error) or path is None:
-            raise
-        try:
-            (load_config if other == "ppo-is" else load_vard_config)(path, overrides)
-        except ConfigError:
-            raise error from None
-        raise ConfigError(
-            f"{error}\n  ({path} is a {other} config: use --algo {other}, or algo: {other} in a study's methods)"
-        ) from None
-
-
-def train_with(algo: str, config: Any, **kwargs: Any) -> Any:
-    """Run ``algo``'s trainer on ``config`` (keyword arguments: ``run_dir``, ``resume``, ``progress``)."""
-    if algo == "vard":
-        from .vard.trainer import train as train_vard
-
-        return train_vard(config, **kwargs)
-    from .ppo_is.trainer import train
-
-    return train(config, **kwargs)
-
-
 def _run_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"model={args.weights}"] if args.weights else [])
-    config = load_train_config(args.algo, args.config, overrides)
-    result = train_with(args.algo, config, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress)
+    config = load_run_config(args.config, overrides, algo=args.algo)
+    result = train(config, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress)
     last = result.epochs[-1] if result.epochs else None
     print(f"run directory: {result.run_dir.resolve()}")
     print(f"  TensorBoard logs: {(result.run_dir / 'tb').resolve()}  (tensorboard --logdir {result.run_dir})")
@@ -228,7 +192,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from diffusion_gym.feature_nets import load_metric_nets
+    from diffusion_gym.nets import load_metric_nets
 
     from .evaluation import EvalSettings, evaluate_model, resolve_model_spec, write_evaluation
 

@@ -100,13 +100,13 @@ class StudyConfig(_Strict):
 
 def load_study(path: str | os.PathLike[str]) -> StudyConfig:
     """Read and validate a study YAML; errors name the key."""
-    from .ppo_is.config import ConfigError, _yaml_load
+    from .common.config import ConfigError, yaml_load
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study config not found: {path}")
     try:
-        study = StudyConfig.model_validate(_yaml_load(path.read_text()) or {})
+        study = StudyConfig.model_validate(yaml_load(path.read_text()) or {})
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     except ValidationError as error:
@@ -121,7 +121,7 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         raise ConfigError(
             f"{path}: injection.method {study.injection.method!r} is not one of the methods {list(study.methods)}"
         )
-    from .cli import load_train_config
+    from .algorithms import load_run_config
 
     for method, spec in study.methods.items():
         for reward in study.rewards:
@@ -129,7 +129,7 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
             if not Path(config).is_file():
                 raise ConfigError(f"{path}: methods.{method}: {config} does not exist")
             try:
-                load_train_config(spec.algo, config, _overrides(study, method, study.seeds[0]))
+                load_run_config(config, _overrides(study, method, study.seeds[0]), algo=spec.algo)
             except ConfigError as error:
                 raise ConfigError(f"{path}: methods.{method} (algo {spec.algo}): {error}") from None
     for item in study.compare_with:
@@ -198,7 +198,7 @@ def _train_command(study: StudyConfig, method: str, reward: str, seed: int, run_
 
 def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = print) -> dict[tuple[str, str, int], Path]:
     """Train every (method, reward, seed) that has not finished; returns the run directories."""
-    from .cli import load_train_config
+    from .algorithms import load_run_config
 
     runs: dict[tuple[str, str, int], Path] = {}
     todo = []
@@ -210,7 +210,7 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
                 cmd = _train_command(study, method, reward, seed, run_dir)
                 algo = study.methods[method].algo
                 path = study.methods[method].config.format(reward=reward)
-                config = load_train_config(algo, path, _overrides(study, method, seed))
+                config = load_run_config(path, _overrides(study, method, seed), algo=algo)
                 if _finished(run_dir, config.num_epochs):
                     log(f"  train {run_dir.name}: done already, skipped")
                 else:
@@ -225,9 +225,9 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
         run_dir.mkdir(parents=True)
         tic = time.perf_counter()
         if study.jobs == 1:  # in this process: no interpreter start-up and model loading per run
-            from .cli import train_with
+            from .algorithms import train
 
-            train_with(algo, config, run_dir=run_dir, progress=False)
+            train(config, run_dir=run_dir, progress=False)
         else:
             with open(run_dir / "train.log", "w") as logfile:
                 done = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, check=False)
@@ -252,7 +252,7 @@ def evaluate_stage(
     study: StudyConfig, runs: dict[tuple[str, str, int], Path], out: Path, timings: Timings, log: Any = print
 ) -> list[Path]:
     """Evaluate the base model and every run (skipping JSON files already written)."""
-    from diffusion_gym.feature_nets import load_metric_nets
+    from diffusion_gym.nets import load_metric_nets
 
     from .evaluation import evaluate_model, write_evaluation
 

@@ -1,1 +1,1 @@
-"""Pieces shared by agents: the Gaussian UNet policy, rollout buffer, advantages, checkpoints."""
+"""Pieces shared by agents: the on-policy runner, configs, the Gaussian UNet policy, collector and rollout, advantages, checkpoints."""

@@ -104,6 +104,14 @@ class Distributed:
                 f"did not answer within dist_timeout_s={self.timeout_s:g} s ({type(error).__name__}: {error})"
             ) from error
 
+    def shard(self) -> Any:
+        """This process's :class:`~diffusion_gym.envs.Shard` of a batch the processes collect together (``None`` alone)."""
+        if not self.enabled:
+            return None
+        from diffusion_gym.envs import Shard
+
+        return Shard(self.rank, self.world_size, self.all_gather_cat)
+
     def all_gather_cat(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` concatenated along dim 0 in rank order (first dims may differ).
 

@@ -32,10 +32,14 @@ from torch import Tensor
 
 from diffusion_gym.metrics import group_cosine_diversity
 
-from .advantages import group_standardize
+from .advantages import PerConditionStatTracker, compute_advantages, group_standardize
+from .distributed import Distributed
+from .rollout import Rollout, Trajectories
 
 __all__ = [
     "ConditionNoise",
+    "DiversityPotentials",
+    "DriftAdvantages",
     "concentrated_subset",
     "diversity_features",
     "diversity_step_rewards",
@@ -180,3 +184,95 @@ def shaped_step_advantages(
     if row != rewards.numel():
         raise ValueError(f"the potentials cover {row} episodes, the rewards {rewards.numel()}")
     return out
+
+
+class DiversityPotentials:
+    """DRIFT (iii)'s collector plug-in: the group diversity ``Φ`` of every stored step's x̂0 and of the final images.
+
+    A :class:`~agents.common.collector.BatchObserver`. ``Φ`` is computed over the whole batch
+    (features gathered across processes), so every process records the global batch's potentials.
+
+    Args:
+        dist: the collectives (gathers the features of the global batch).
+    """
+
+    def __init__(self, dist: Distributed) -> None:
+        self.dist = dist
+        self.potentials: list[Tensor] = []
+        """One ``(S_b, B·W)`` tensor per batch: ``Φ`` at each stored step."""
+        self.final_potentials: list[Tensor] = []
+        """One ``(B·W,)`` tensor per batch: ``Φ`` of the final images."""
+        self._keys: Tensor | None = None
+        self._steps: list[Tensor] = []
+
+    def _potential(self, images: Tensor) -> Tensor:
+        assert self._keys is not None
+        return group_cosine_diversity(self.dist.all_gather_cat(diversity_features(images)), self._keys)
+
+    def start_batch(self, groups: Tensor, conditions: Tensor) -> None:
+        """Remember the batch's group keys (of the global batch)."""
+        self._keys = self.dist.all_gather_cat(group_keys(groups, conditions))
+        self._steps = []
+
+    def stored_step(self, x0: Tensor) -> None:
+        """Record ``Φ`` of the step's x̂0."""
+        self._steps.append(self._potential(x0))
+
+    def end_batch(self, final: Tensor) -> None:
+        """Record the batch's potentials and ``Φ`` of its final images."""
+        assert self._keys is not None
+        empty = torch.zeros((0, self._keys.numel()), device=self._keys.device)
+        self.potentials.append(torch.stack(self._steps) if self._steps else empty)
+        self.final_potentials.append(self._potential(final))
+
+    def take(self) -> tuple[list[Tensor], Tensor]:
+        """The epoch's per-batch potentials and final potentials ``(M,)``, forgetting them."""
+        potentials, final = self.potentials, torch.cat(self.final_potentials)
+        self.potentials, self.final_potentials = [], []
+        return potentials, final
+
+
+class DriftAdvantages:
+    """DRIFT's advantage plug-in for PPO-IS: (i) the reward-concentrated subset, (iii) diversity shaping.
+
+    Args:
+        subset_fraction: (i) the fraction of each group trained on (1: all).
+        diversity_coef: (iii) ``λ`` (0: off).
+        dist: the collectives.
+    """
+
+    def __init__(self, subset_fraction: float, diversity_coef: float, dist: Distributed) -> None:
+        self.subset_fraction, self.diversity_coef = subset_fraction, diversity_coef
+        self.diversity = DiversityPotentials(dist) if diversity_coef > 0 else None
+
+    @property
+    def observers(self) -> list[DiversityPotentials]:
+        """The collector plug-ins it needs."""
+        return [self.diversity] if self.diversity is not None else []
+
+    def set_advantages(
+        self, rollout: Rollout, traj: Trajectories, tracker: PerConditionStatTracker, mode: str, clip: float
+    ) -> tuple[Tensor | None, dict[str, float]]:
+        """Compute the epoch's advantages into ``rollout``; returns the kept-trajectory mask and statistics.
+
+        With the subset, advantages are computed over the kept trajectories only (the others get 0
+        and are left out of the update); with diversity shaping they are per (trajectory, step)
+        (:func:`shaped_step_advantages`).
+        """
+        rewards, groups, conditions = traj.rewards, traj.groups, traj.conditions
+        keys = group_keys(groups, conditions)
+        keep = concentrated_subset(rewards, keys, self.subset_fraction) if self.subset_fraction < 1 else None
+        kept = keep if keep is not None else torch.ones_like(rewards, dtype=torch.bool)
+        stats = {"kept_fraction": kept.float().mean().item()}
+        if self.diversity is not None:
+            potentials, final = self.diversity.take()
+            per_batch = shaped_step_advantages(rewards, final, potentials, keys, kept, self.diversity_coef, clip)
+            rollout.set_step_advantages(per_batch)
+            stats["final_diversity"] = final.mean().item()
+        else:
+            advantages = torch.zeros_like(rewards)
+            advantages[kept] = compute_advantages(
+                rewards[kept], groups[kept], conditions[kept], mode, tracker, clip=clip
+            )
+            rollout.set_advantages(advantages)
+        return keep, stats

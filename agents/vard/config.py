@@ -1,6 +1,6 @@
 """The VARD training configuration: a typed schema read from YAML, overridable with ``key=value``.
 
-The sampling, env and evaluation sections are PPO-IS's (:mod:`agents.ppo_is.config`); VARD adds a
+The run fields and the sampling, env and evaluation sections are every run's (:mod:`agents.common.config`); VARD adds a
 ``value`` section (the value network and its regression) and its own ``train`` section (the
 value-gradient policy update with a KL penalty to the base model). Unknown keys are errors naming
 the key, as for PPO-IS.
@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from typing import Literal
 
-from ..ppo_is.config import (
-    ConfigError,
-    EnvConfig,
-    EvalConfig,
-    SampleConfig,
-    _format_errors,
-    _Section,
-    check_values,
-    dump_config,
-    read_config_data,
-)
+from pydantic import Field, model_validator
 
-__all__ = ["VardConfig", "VardTrainConfig", "ValueConfig", "dump_vard_config", "load_vard_config"]
+from ..common.config import ConfigError, RunConfig, dump_config
+from ..common.config import Section as _Section
+
+__all__ = ["ConfigError", "VardConfig", "VardTrainConfig", "ValueConfig", "dump_vard_config", "load_vard_config"]
 
 
 class ValueConfig(_Section):
@@ -55,22 +48,18 @@ class VardTrainConfig(_Section):
     kl_coef: float = Field(0.1, ge=0, description="weight of the per-step KL(π_θ ‖ π_base), 0: off")
 
 
-class VardConfig(_Section):
+class VardConfig(RunConfig):
     """A whole VARD run."""
 
-    run_name: str = Field("", description="run directory name under logdir (default: vard + time)")
-    logdir: str = Field("runs", description="where runs are written")
-    seed: int = Field(0, description="seed of everything")
-    device: str = Field("cpu", description="torch device")
-    model: str = Field("embedded:digits", min_length=1, description="model spec (load_model)")
-    num_epochs: int = Field(10, ge=1, description="epochs: collect, fit the value, update the policy")
-    save_every: int = Field(1, ge=1, description="checkpoint every N epochs")
-    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
-    sample: SampleConfig = Field(default_factory=SampleConfig)
-    env: EnvConfig = Field(default_factory=EnvConfig)
+    algo: Literal["vard"] = Field("vard", description="the algorithm: VARD")
     value: ValueConfig = Field(default_factory=ValueConfig)
     train: VardTrainConfig = Field(default_factory=VardTrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _whole_batches(self) -> VardConfig:
+        if self.sample.start_mode != "shared":
+            raise ValueError("sample.start_mode: VARD collects whole batches: use 'shared'")
+        return self
 
 
 def load_vard_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VardConfig:
@@ -83,15 +72,9 @@ def load_vard_config(path: str | Path | None = None, overrides: list[str] | None
     Raises:
         ConfigError: naming each unknown key or wrong type, an unknown reward or a bad window.
     """
-    data, source = read_config_data(path, overrides)
-    try:
-        config = VardConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_format_errors(error, source)) from None
-    check_values(config, source)  # type: ignore[arg-type]  # reads only .env and .sample
-    if config.sample.start_mode != "shared":
-        raise ConfigError(f"invalid config {source}:\n  sample.start_mode: VARD collects whole batches: use 'shared'")
-    return config
+    from ..algorithms import load_run_config
+
+    return load_run_config(path, overrides, algo="vard")  # type: ignore[return-value]
 
 
 def dump_vard_config(config: VardConfig) -> str:

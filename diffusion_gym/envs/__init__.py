@@ -1,5 +1,5 @@
 """Gymnasium environments of diffusion-gym."""
 
-from .denoise import DenoiseCore, DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv, PendingRewards, Shard
+from .denoise import DenoiseCore, DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv, Shard
 
-__all__ = ["DenoiseCore", "DiffusionDenoiseEnv", "DiffusionDenoiseVectorEnv", "PendingRewards", "Shard"]
+__all__ = ["DenoiseCore", "DiffusionDenoiseEnv", "DiffusionDenoiseVectorEnv", "Shard"]

@@ -12,7 +12,6 @@ Two front ends share one batched torch core (:class:`DenoiseCore`):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import Tensor
 from .. import sampling
 from ..models import DEFAULT_MODEL, LoadedModel, is_embedded_digits, load_model
 from ..references import ReferenceSource, make_references
-from ..rewards import RewardFn, make_reward, reward_async
+from ..rewards import RewardFn, make_reward
 from ..windows import ProbeResult, WindowStrategy, make_window
 
 PIXEL_BOUND = 10.0
@@ -83,37 +82,6 @@ class Shard:
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
 
-class PendingRewards:
-    """The rewards of the envs that ended at one step, still being computed (``defer_rewards=True``).
-
-    :meth:`result` gives the ``(B,)`` float32 rewards on the env's device that the step would have
-    returned: ``r(x_0, c)`` for the envs that ended there, 0 for the others.
-
-    Args:
-        future: the future of the ended envs' rewards (see :func:`diffusion_gym.rewards.reward_async`).
-        index: ``(n,)`` positions of the ended envs in the batch, or ``None`` when all ``B`` ended.
-        num_envs: ``B``.
-        device: the env's device.
-    """
-
-    def __init__(self, future: Future[Tensor], index: Tensor | None, num_envs: int, device: torch.device) -> None:
-        self._future, self._index, self._num_envs, self._device = future, index, num_envs, device
-        self._value: Tensor | None = None
-
-    def done(self) -> bool:
-        """Whether the rewards are ready (:meth:`result` will not wait)."""
-        return self._value is not None or self._future.done()
-
-    def result(self) -> Tensor:
-        """Wait for the rewards and return them (re-raising any error of the reward function)."""
-        if self._value is None:
-            rewards = self._future.result().to(self._device).float()
-            if self._index is not None:
-                rewards = torch.zeros(self._num_envs, device=self._device).index_copy_(0, self._index, rewards)
-            self._value = rewards
-        return self._value
-
-
 class DenoiseCore:
     """The batched state machine behind both envs: ``B`` episodes as torch tensors on one device.
 
@@ -159,7 +127,6 @@ class DenoiseCore:
             raise TypeError(f"info_x0 must be a bool, got {info_x0!r}")
         self.info_x0 = info_x0
         self.last_x0: Tensor | None = None
-        self.pending_rewards: PendingRewards | None = None
         for name, value in (("samples_per_reference", samples_per_reference), ("probe_size", probe_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -255,15 +222,16 @@ class DenoiseCore:
                 images = references
                 if k < self.num_steps:
                     x = sampling.add_noise(references, noise, k, self.probe_schedule)
-                    images = sampling.run_chain(self.denoiser, x, self.probe_schedule, self._cond(conditions), start=k)
-                rewards = self.reward_fn(sampling.to_unit_range(images), self._cond(conditions))
+                    images = sampling.run_chain(self.denoiser, x, self.probe_schedule, self.condition_input(conditions), start=k)
+                rewards = self.reward_fn(sampling.to_unit_range(images), self.condition_input(conditions))
             if self.shard is not None:  # float64 on every process: exact for float32 and float64 rewards
                 images, rewards = self.shard.all_gather(images), self.shard.all_gather(rewards.double())
             return ProbeResult(rewards=rewards, images=images)
 
         return run
 
-    def _cond(self, c: Tensor) -> Tensor | None:
+    def condition_input(self, c: Tensor) -> Tensor | None:
+        """What the denoiser and the reward receive as conditions: ``c``, or ``None`` for an unconditional model."""
         return c if self.num_classes is not None else None
 
     @torch.no_grad()
@@ -276,7 +244,7 @@ class DenoiseCore:
         """
         k = self.k.clamp(max=self.num_steps - 1)
         t = self.schedule.timesteps.to(self.device)[k]
-        x0, _ = sampling.predict_x0_eps(self.denoiser(self.x, t, self._cond(self.c)), self.x, k, self.schedule)
+        x0, _ = sampling.predict_x0_eps(self.denoiser(self.x, t, self.condition_input(self.c)), self.x, k, self.schedule)
         return x0.float()
 
     # ----------------------------------------------------------------------------------- episodes
@@ -360,16 +328,14 @@ class DenoiseCore:
         if bool((actions.abs() > PIXEL_BOUND).any()):
             raise ValueError(f"action values must lie in [-{PIXEL_BOUND}, {PIXEL_BOUND}] (the action space bounds)")
 
-    def advance(self, actions: Tensor, defer: bool = False) -> tuple[Tensor, np.ndarray]:
+    def advance(self, actions: Tensor, score: bool = True) -> tuple[Tensor, np.ndarray]:
         """Apply ``actions`` (``x_prev`` for every env); return ``(rewards, terminated)``.
 
         ``rewards`` is a ``(B,)`` tensor (0 except at terminal steps, where it is ``r(x_0, c)``,
         computed in one batched call); ``terminated`` is a host bool array. With ``info_x0`` the
         denoiser's x̂0 at the images being left is kept in :attr:`last_x0` (one denoiser call).
-
-        With ``defer``, the terminal rewards are started with :func:`~diffusion_gym.rewards.reward_async`
-        instead (a host reward such as JPEG, on a GPU, is scored on a background thread), kept in
-        :attr:`pending_rewards`, and are NaN in the returned tensor.
+        ``score=False`` leaves the terminal rewards to the caller (0 here): an agent that drives the
+        core itself scores the final images :attr:`x` when and where it likes.
         """
         if not self.started or (self.k_host >= self.num_steps).any():
             raise RuntimeError("the episode has ended (or never started): call reset() before step()")
@@ -379,18 +345,11 @@ class DenoiseCore:
         self.k_host += 1
         terminated = self.k_host >= self.num_steps
         rewards = torch.zeros(self.num_envs, device=self.device)
-        self.pending_rewards = None
-        if not terminated.any():
+        if not score or not terminated.any():
             return rewards, terminated
         done = None if terminated.all() else torch.from_numpy(np.flatnonzero(terminated)).to(self.device)
         x, c = (self.x, self.c) if done is None else (self.x[done], self.c[done])
-        images, conditions = sampling.to_unit_range(x), self._cond(c)
-        if defer:
-            future = reward_async(self.reward_fn, images, conditions)
-            self.pending_rewards = PendingRewards(future, done, self.num_envs, self.device)
-            r = torch.full((len(c),), float("nan"), device=self.device)
-        else:
-            r = self.reward_fn(images, conditions).to(self.device).float()
+        r = self.reward_fn(sampling.to_unit_range(x), self.condition_input(c)).to(self.device).float()
         if done is None:
             return r, terminated
         return rewards.index_copy_(0, done, r), terminated
@@ -488,8 +447,8 @@ _ENV_DOC_ARGS = """
         device: torch device of the model and (vector env) of all tensors.
         reward_kwargs: options of the reward factory.
         window_kwargs: options of the window (``iterations``, ``beta``, ``stride``, ``batches_per_iteration``…).
-        shard: (vector env) a :class:`Shard`: these ``num_envs`` episodes are one process's block of a
-            batch collected by ``world_size`` processes (data-parallel training); default: unsharded.
+        shard: (:class:`DenoiseCore` only) a :class:`Shard`: the core's ``num_envs`` episodes are one
+            process's block of a batch collected by ``world_size`` processes (data-parallel training).
         info_x0: put ``info["x0"]``, the x̂0 (predicted clean image, ``[-1, 1]`` scale) of the step just
             taken, in every step's info. The env receives only the action ``x_{t-1}``, and x̂0 cannot be
             recovered from ``(x_t, x_{t-1})`` at a stochastic step, so the env computes it with its
@@ -497,6 +456,15 @@ _ENV_DOC_ARGS = """
             It equals the policy's own ``denoise_step(...).x0`` when the policy is the env's denoiser
             (``set_denoiser``). Default ``False``: no cost.
 """
+
+
+_REMOVED_VECTOR_KWARGS = {
+    "defer_rewards": "the env returns every reward at the step it is earned; to overlap host rewards with the "
+    "next batch, drive DenoiseCore.advance(actions, score=False) and score the final images yourself "
+    "(diffusion_gym.rewards.reward_async), as agents.common.collector.Collector does",
+    "shard": "build DenoiseCore(num_envs=..., shard=Shard(rank, world_size, all_gather), ...) and pass it as "
+    "DiffusionDenoiseVectorEnv(num_envs, core=core)",
+}
 
 
 class _CoreFrontEnd:
@@ -657,18 +625,16 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
     batched tensors) and ``info["final_info"]``, with the mask ``info["_final_obs"]``.
 
     Info: ``start_step``, ``step_index``, ``group`` (``(B,)`` tensors), ``raw_reward`` (with the
-    mask ``_raw_reward``; ``pending_reward`` instead with ``defer_rewards``) at terminal steps and,
+    mask ``_raw_reward``) at terminal steps and,
     with ``info_x0=True``, ``x0``: the ``(B, C, H, W)`` x̂0 of the step just taken by every env (for
     the envs that ended, of their last step; also in ``final_info``).
 
     ``check_actions=False`` skips the NaN/bound checks (one device sync per step) on fast paths.
 
-    ``defer_rewards=True`` lets an agent overlap the reward with GPU work: at a step where episodes
-    end, the env starts their rewards (on a GPU, a host reward such as JPEG is scored on a background
-    thread, see :func:`diffusion_gym.rewards.reward_async`) and returns at once, with NaN rewards for
-    the ended envs and ``info["pending_reward"]``, a :class:`PendingRewards` whose ``result()`` is the
-    ``(B,)`` rewards the step would have returned. The agent steps on (the autoreset episodes) and
-    collects the rewards when it needs them. For agents that know this; any other sees NaN rewards.
+    ``core=`` wraps an existing :class:`DenoiseCore` instead of building one from the keyword
+    arguments: data-parallel agents build the core with a :class:`Shard` (their block of a batch that
+    several processes collect together) and drive it directly, as does an agent that overlaps host
+    rewards with the next batch (``DenoiseCore.advance(..., score=False)``).
     {args}
     """
 
@@ -679,16 +645,25 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
         num_envs: int = 16,
         check_actions: bool = True,
         render_mode: str | None = None,
-        defer_rewards: bool = False,
+        *,
+        core: DenoiseCore | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(defer_rewards, bool):
-            raise TypeError(f"defer_rewards must be a bool, got {defer_rewards!r}")
-        self.core = DenoiseCore(num_envs=num_envs, **kwargs)
+        for removed, replacement in _REMOVED_VECTOR_KWARGS.items():
+            if removed in kwargs:
+                raise TypeError(f"DiffusionDenoiseVectorEnv no longer takes {removed}=: {replacement}")
+        if core is not None:
+            if kwargs or core.num_envs != num_envs:
+                raise ValueError(
+                    f"core= wraps a built DenoiseCore: pass num_envs={core.num_envs} (its size) and no other env "
+                    f"arguments, got num_envs={num_envs} and {sorted(kwargs)}"
+                )
+            self.core = core
+        else:
+            self.core = DenoiseCore(num_envs=num_envs, **kwargs)
         self.num_envs = num_envs
         self.device = self.core.device
         self.check = check_actions
-        self.defer_rewards = defer_rewards
         self.render_mode = render_mode
         self.single_observation_space, self.single_action_space = self.core.single_spaces()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -736,7 +711,7 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
             raise RuntimeError("call reset() before step()")
         if self.check:
             core.check_actions(actions)
-        rewards, terminated = core.advance(actions, defer=self.defer_rewards)
+        rewards, terminated = core.advance(actions)
         info = self._info()
         if core.last_x0 is not None:
             info["x0"] = core.last_x0
@@ -744,9 +719,7 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
             done = torch.full((self.num_envs,), bool(terminated.all()), device=self.device)
         else:
             done = torch.from_numpy(terminated).to(self.device)
-        if core.pending_rewards is not None:
-            info["pending_reward"] = core.pending_rewards
-        elif terminated.any():
+        if terminated.any():
             info["raw_reward"], info["_raw_reward"] = rewards.clone(), done.clone()
         if terminated.any():
             info["final_obs"], info["final_info"] = core.observation(), dict(info)
