@@ -148,7 +148,7 @@ def evaluate_model(
         ``(result, arrays)``: the JSON-ready metrics and per-sample arrays (``rewards_<name>``,
         ``embeddings``, ``conditions``, ``predicted``).
     """
-    from diffusion_gym.feature_nets import load_metric_nets
+    from diffusion_gym.nets import load_metric_nets
 
     settings = settings or EvalSettings()
     settings.check()

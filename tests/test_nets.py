@@ -1,11 +1,11 @@
-"""Full-size metric networks: InceptionV3 (features + head) and the CLIP image encoder (features)."""
+"""diffusion_gym.nets: InceptionV3 (features + head), the CLIP image encoder (features), load_metric_nets."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
-from diffusion_gym import feature_nets, metrics, rewards
+from diffusion_gym import metrics, nets, rewards
 from diffusion_gym.models import MissingWeightsError
 
 
@@ -14,7 +14,7 @@ def no_inception_env(monkeypatch, tmp_path):
     """An empty torch hub directory and no weights variable: the InceptionV3 weights are missing."""
     hub = tmp_path / "torch-hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    monkeypatch.delenv(feature_nets.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(nets.INCEPTION_WEIGHTS_ENV, raising=False)
     return hub
 
 
@@ -24,8 +24,8 @@ def _images(n, channels, size, seed=0):
 
 def test_random_init_inception_features_head_and_classifier_outputs():
     torch.manual_seed(0)
-    net = feature_nets.load_inception_v3(random_init=True)
-    assert isinstance(net, feature_nets.InceptionV3Features)
+    net = nets.load_inception_v3(random_init=True)
+    assert isinstance(net, nets.InceptionV3Features)
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     net.train()
     assert not net.training and not net.network.training
@@ -61,12 +61,12 @@ def test_torchvision_state_dict_loads_and_matches_torchvision(tmp_path):
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     reference.eval()
-    path = tmp_path / feature_nets.INCEPTION_WEIGHTS_FILENAME
+    path = tmp_path / nets.INCEPTION_WEIGHTS_FILENAME
     torch.save(reference.state_dict(), path)
     assert any(k.startswith("AuxLogits.") for k in reference.state_dict())
 
     torch.manual_seed(2)  # different random weights before loading: equality below comes from the file
-    net = feature_nets.load_inception_v3(weights=path)
+    net = nets.load_inception_v3(weights=path)
 
     images = _images(2, 3, 40, seed=3)
     # torchvision's pipeline for these weights: resize to 299, ImageNet normalisation, transform_input.
@@ -89,62 +89,62 @@ def test_torchvision_state_dict_loads_and_matches_torchvision(tmp_path):
 
 
 def test_missing_inception_weights_error(no_inception_env, tmp_path, monkeypatch):
-    expected = no_inception_env / "checkpoints" / feature_nets.INCEPTION_WEIGHTS_FILENAME
-    assert feature_nets.default_inception_weights_path() == expected
+    expected = no_inception_env / "checkpoints" / nets.INCEPTION_WEIGHTS_FILENAME
+    assert nets.default_inception_weights_path() == expected
     with pytest.raises(MissingWeightsError) as info:
-        feature_nets.load_inception_v3()
+        nets.load_inception_v3()
     message = str(info.value)
     assert "inception_v3_google-0cc3c7bd.pth" in message and str(expected) in message
-    assert feature_nets.INCEPTION_WEIGHTS_URL in message and "--inception-weights" in message
-    assert feature_nets.INCEPTION_WEIGHTS_ENV in message
+    assert nets.INCEPTION_WEIGHTS_URL in message and "--inception-weights" in message
+    assert nets.INCEPTION_WEIGHTS_ENV in message
 
     missing = tmp_path / "elsewhere.pth"
     with pytest.raises(MissingWeightsError, match="elsewhere.pth"):
-        feature_nets.load_inception_v3(missing)
-    monkeypatch.setenv(feature_nets.INCEPTION_WEIGHTS_ENV, str(missing))
-    with pytest.raises(MissingWeightsError, match=rf"elsewhere.pth.*\${feature_nets.INCEPTION_WEIGHTS_ENV}"):
-        feature_nets.load_inception_v3()
+        nets.load_inception_v3(missing)
+    monkeypatch.setenv(nets.INCEPTION_WEIGHTS_ENV, str(missing))
+    with pytest.raises(MissingWeightsError, match=rf"elsewhere.pth.*\${nets.INCEPTION_WEIGHTS_ENV}"):
+        nets.load_inception_v3()
 
 
 def test_inception_weights_lookup_order(no_inception_env, tmp_path, monkeypatch):
-    cached = no_inception_env / "checkpoints" / feature_nets.INCEPTION_WEIGHTS_FILENAME
+    cached = no_inception_env / "checkpoints" / nets.INCEPTION_WEIGHTS_FILENAME
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"placeholder")
-    assert feature_nets._resolve_inception_weights(None) == cached
+    assert nets._resolve_inception_weights(None) == cached
     from_env = tmp_path / "env.pth"
     from_env.write_bytes(b"placeholder")
-    monkeypatch.setenv(feature_nets.INCEPTION_WEIGHTS_ENV, str(from_env))
-    assert feature_nets._resolve_inception_weights(None) == from_env
+    monkeypatch.setenv(nets.INCEPTION_WEIGHTS_ENV, str(from_env))
+    assert nets._resolve_inception_weights(None) == from_env
     explicit = tmp_path / "explicit.pth"
     explicit.write_bytes(b"placeholder")
-    assert feature_nets._resolve_inception_weights(explicit) == explicit
+    assert nets._resolve_inception_weights(explicit) == explicit
 
 
 def test_random_init_clip_encoder_features():
     torch.manual_seed(0)
-    encoder = feature_nets.load_clip_image_encoder(random_init=True)
-    assert isinstance(encoder, rewards.ClipImageEncoder) and not hasattr(encoder, "head")
+    encoder = nets.load_clip_image_encoder(random_init=True)
+    assert isinstance(encoder, nets.ClipImageEncoder) and not hasattr(encoder, "head")
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     with torch.no_grad():
         feats = encoder.features(_images(1, 1, 16))  # one image: a ViT-L forward is costly on CPU
     assert feats.shape == (1, 768) and feats.dtype == torch.float32 and torch.isfinite(feats).all()
     assert not torch.allclose(feats.norm(dim=-1), torch.ones(1))  # unnormalised
-    assert issubclass(rewards.LaionAestheticScorer, rewards.ClipImageEncoder)
+    assert issubclass(rewards.LaionAestheticScorer, nets.ClipImageEncoder)
 
 
 def test_missing_clip_weights_error(monkeypatch, tmp_path):
     cache = tmp_path / "hf-cache"
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.delenv(rewards.CLIP_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(nets.CLIP_WEIGHTS_ENV, raising=False)
     with pytest.raises(MissingWeightsError) as info:
-        feature_nets.load_clip_image_encoder()
+        nets.load_clip_image_encoder()
     message = str(info.value)
     assert "open_clip_model.safetensors" in message and str(cache) in message
-    assert "clip_weights=" in message and rewards.CLIP_WEIGHTS_ENV in message
+    assert "clip_weights=" in message and nets.CLIP_WEIGHTS_ENV in message
     assert rewards.AESTHETIC_MLP_FILENAME not in message  # only the CLIP file is needed here
     with pytest.raises(MissingWeightsError, match="nope.safetensors"):
-        feature_nets.load_clip_image_encoder(tmp_path / "nope.safetensors")
+        nets.load_clip_image_encoder(tmp_path / "nope.safetensors")
 
 
 def _require_classifier():
@@ -158,40 +158,40 @@ def test_metric_nets_digits_and_auto():
     _require_classifier()
     from diffusion_gym.digits import load_digits_dataset
 
-    nets = feature_nets.load_metric_nets("digits")
-    assert nets.classifier is nets.embedder
-    assert (nets.classifier_name, nets.embedder_name) == ("digit-classifier", "digit-classifier")
+    loaded = nets.load_metric_nets("digits")
+    assert loaded.classifier is loaded.embedder
+    assert (loaded.classifier_name, loaded.embedder_name) == ("digit-classifier", "digit-classifier")
     images, labels = load_digits_dataset()
     images = images[:8]
-    out = metrics.classifier_outputs(nets.classifier, images)
+    out = metrics.classifier_outputs(loaded.classifier, images)
     assert out.probs.shape == (8, 10) and out.features.shape[0] == 8
     assert torch.allclose(out.probs.sum(-1), torch.ones(8), atol=1e-5)
     assert (out.probs.argmax(-1) == labels[:8].to(out.probs.device)).float().mean() >= 0.75
 
-    auto = feature_nets.load_metric_nets(image_shape=(1, 16, 16))
+    auto = nets.load_metric_nets(image_shape=(1, 16, 16))
     assert auto.classifier_name == "digit-classifier"
 
 
 def test_metric_nets_inception_dispatch(monkeypatch):
     calls = []
     monkeypatch.setattr(
-        feature_nets, "load_inception_v3", lambda weights, **kw: calls.append(("inception", weights, kw)) or "I"
+        nets, "load_inception_v3", lambda weights, **kw: calls.append(("inception", weights, kw)) or "I"
     )
     monkeypatch.setattr(
-        feature_nets, "load_clip_image_encoder", lambda weights, **kw: calls.append(("clip", weights, kw)) or "C"
+        nets, "load_clip_image_encoder", lambda weights, **kw: calls.append(("clip", weights, kw)) or "C"
     )
-    nets = feature_nets.load_metric_nets(
+    loaded = nets.load_metric_nets(
         "auto", image_shape=(3, 256, 256), inception_weights="i.pth", clip_weights="c.bin", random_init=True
     )
-    assert nets == feature_nets.MetricNets("I", "C", "inception-v3", "clip-vit-l-14")
+    assert loaded == nets.MetricNets("I", "C", "inception-v3", "clip-vit-l-14")
     assert calls == [
         ("inception", "i.pth", {"random_init": True, "device": "cpu"}),
         ("clip", "c.bin", {"random_init": True, "device": "cpu"}),
     ]
-    assert feature_nets.load_metric_nets("inception").classifier_name == "inception-v3"
-    assert feature_nets.load_metric_nets().classifier_name == "inception-v3"  # no shape: full size
+    assert nets.load_metric_nets("inception").classifier_name == "inception-v3"
+    assert nets.load_metric_nets().classifier_name == "inception-v3"  # no shape: full size
 
 
 def test_metric_nets_unknown_kind():
     with pytest.raises(ValueError, match=r"'fid'.*valid choices.*'auto'.*'digits'.*'inception'"):
-        feature_nets.load_metric_nets("fid")
+        nets.load_metric_nets("fid")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import io
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +96,23 @@ def test_jpeg_rejects_bad_shapes():
         rewards.jpeg_size_kb(torch.rand(3, 8, 8))
 
 
+@pytest.mark.parametrize("name", ["jpeg_compressibility", "jpeg_incompressibility"])
+@pytest.mark.parametrize("quality", [0, 101, 500, 3.5, True, "95", None])
+def test_jpeg_quality_is_checked_when_the_reward_is_built(name, quality):
+    message = rf"JPEG quality must be an integer in \[1, 100\], got {re.escape(repr(quality))}"
+    with pytest.raises(ValueError, match=message):
+        rewards.make_reward(name, quality=quality)
+
+
+def test_jpeg_quality_in_range_sets_the_encoding():
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    for quality in (1, 50, 100, np.int64(75)):
+        expected = rewards.jpeg_size_kb(images, int(quality))
+        assert torch.equal(rewards.make_reward("jpeg_incompressibility", quality=quality)(images, None), expected)
+        assert torch.equal(rewards.make_reward("jpeg_compressibility", quality=quality)(images, None), -expected)
+    assert not torch.equal(rewards.jpeg_size_kb(images, 1), rewards.jpeg_size_kb(images, 100))
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry and make_reward
 # --------------------------------------------------------------------------------------------------
@@ -100,7 +120,7 @@ def test_jpeg_rejects_bad_shapes():
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
-    monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))
+    monkeypatch.setattr(rewards.registry, "_REGISTRY", dict(rewards.registry._REGISTRY))
 
 
 def test_available_rewards_sorted_and_complete():
@@ -405,3 +425,106 @@ def test_digit_confidence_needs_class_ids():
         reward(images, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="class-id conditions.*values"):
         reward(images, torch.tensor([1, 2, 10]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Module layout: diffusion_gym.rewards.* and diffusion_gym.nets
+# --------------------------------------------------------------------------------------------------
+
+PACKAGE_DIR = Path(rewards.__file__).resolve().parents[1]  # diffusion_gym/
+
+
+def _module_files() -> dict[str, Path]:
+    """Every module of diffusion_gym by dotted name (a package by its ``__init__.py``)."""
+    files = {}
+    for path in PACKAGE_DIR.rglob("*.py"):
+        parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def _imported_names(module: str, path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of each import in ``path``, anywhere in it (functions too), made absolute."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, []) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            found.append((base, [alias.name for alias in node.names]))
+    return found
+
+
+def _import_graph(with_parents: bool) -> dict[str, set[str]]:
+    """Edges module → the diffusion_gym modules it imports.
+
+    With ``with_parents``, importing ``a.b.c`` also runs the packages ``a`` and ``a.b``, which are
+    added as edges (what really gets imported); without, only the most specific module is.
+    """
+    files = _module_files()
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        edges = graph.setdefault(module, set())
+        for base, names in _imported_names(module, path):
+            submodules = {f"{base}.{name}" for name in names} & files.keys()
+            targets = submodules or ({base} & files.keys())
+            edges.update(targets)
+            if with_parents:
+                for target in targets:
+                    parts = target.split(".")
+                    edges.update(".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in files)
+        edges.discard(module)
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_nets_imports_nothing_from_rewards():
+    graph = _import_graph(with_parents=True)
+    assert {"diffusion_gym.nets", "diffusion_gym.rewards", "diffusion_gym.rewards.registry"} <= graph.keys()
+    assert "diffusion_gym.nets" in graph["diffusion_gym.rewards.aesthetic"]  # the graph does see imports
+    from_nets = _reachable(graph, "diffusion_gym.nets")
+    assert not {m for m in from_nets if m == "diffusion_gym.rewards" or m.startswith("diffusion_gym.rewards.")}
+
+
+def test_feature_nets_is_gone_and_the_rewards_modules_form_no_cycle():
+    graph = _import_graph(with_parents=False)
+    assert "diffusion_gym.feature_nets" not in graph
+    repo = PACKAGE_DIR.parent
+    importers = [
+        path
+        for folder in ("diffusion_gym", "agents", "benchmarks", "examples", "scripts", "tests")
+        for path in (repo / folder).rglob("*.py")
+        for base, names in _imported_names("_", path)
+        if "feature_nets" in base or "feature_nets" in names
+    ]
+    assert not importers, f"diffusion_gym.feature_nets is now diffusion_gym.nets; still imported by {importers}"
+    submodules = {m for m in graph if m.startswith("diffusion_gym.rewards.")} | {"diffusion_gym.nets"}
+    assert {"host", "jpeg", "registry", "aesthetic", "digits"} <= {m.rpartition(".")[2] for m in submodules}
+    sub = {m: graph[m] & submodules for m in submodules}
+    for module in submodules:
+        assert module not in _reachable(sub, module), f"{module} imports itself through a cycle"
+
+
+def test_public_names_are_reexported():
+    from diffusion_gym import nets
+    from diffusion_gym.rewards import aesthetic, host, jpeg, registry
+
+    for name in rewards.__all__:
+        assert getattr(rewards, name) is not None
+    assert rewards.ClipImageEncoder is nets.ClipImageEncoder and rewards.CLIP_WEIGHTS_ENV == nets.CLIP_WEIGHTS_ENV
+    assert rewards.make_reward is registry.make_reward and rewards._REGISTRY is registry._REGISTRY
+    assert rewards.reward_async is host.reward_async and rewards.jpeg_size_kb is jpeg.jpeg_size_kb
+    assert rewards.LaionAestheticScorer is aesthetic.LaionAestheticScorer

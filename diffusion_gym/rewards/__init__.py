@@ -1,0 +1,100 @@
+"""Reward functions for diffusion fine-tuning, and a registry to build them by name.
+
+Conventions
+-----------
+A reward function (:data:`RewardFn`) is any callable ``reward(images, conditions) -> rewards``:
+
+* ``images``: a ``(B, C, H, W)`` float tensor **in [0, 1]** (``C`` = 1 for grey, 3 for RGB). Rewards
+  never see the model's ``[-1, 1]`` range; the caller converts (``(x + 1) / 2``, clamped).
+* ``conditions``: what the images were generated for: a ``(B,)`` tensor of class ids, a list of ``B``
+  prompts, or ``None`` (unconditional). Rewards that do not need it ignore it.
+* returns: a ``(B,)`` float32 tensor on ``images.device``, higher is better.
+
+Rewards are built by name with :func:`make_reward` (see :func:`available_rewards`); a user callable
+passed to :func:`make_reward` is wrapped so that its output is checked (shape ``(B,)``, finite) and
+mistakes surface as a clear ``ValueError`` instead of a silent broadcast in the RL loss.
+
+Registered rewards
+------------------
+``jpeg_compressibility`` / ``jpeg_incompressibility``
+    ∓ the size in kB of the image saved as JPEG at quality 95 with PIL, exactly as ddpo-pytorch
+    measures it (uint8 via ``(x * 255).round().clamp(0, 255)``, size = bytes / 1000). Not
+    differentiable; the images of a batch are encoded on a thread pool. ``quality=`` (an integer in
+    ``[1, 100]``) sets another JPEG quality.
+``laion_aesthetic``
+    The LAION aesthetic predictor ("sac+logos+ava1-l14-linearMSE"): a linear MLP on the
+    L2-normalised OpenAI CLIP ViT-L/14 image embedding (:class:`LaionAestheticScorer`, a
+    :class:`~diffusion_gym.nets.ClipImageEncoder` with the MLP on top; the encoder alone also serves the Vendi score).
+    Differentiable with respect to the images. Weights come from the local Hugging Face cache or a
+    path, never from the network; ``random_init=True`` gives random weights of the real shapes.
+``digit_confidence``
+    For the embedded digits model: the probability the shipped digit classifier gives to the class
+    each image was conditioned on. Needs class-id conditions.
+
+Modules
+-------
+:mod:`~diffusion_gym.rewards.registry` (:data:`RewardFn`, :func:`register_reward`,
+:func:`make_reward`, :class:`CheckedReward`), :mod:`~diffusion_gym.rewards.host` (:func:`host_reward`,
+:func:`reward_async`), :mod:`~diffusion_gym.rewards.jpeg`, :mod:`~diffusion_gym.rewards.aesthetic`
+and :mod:`~diffusion_gym.rewards.digits`; the CLIP encoder lives in :mod:`diffusion_gym.nets`. All
+their public names are importable from here.
+"""
+
+from __future__ import annotations
+
+from diffusion_gym.nets import CLIP_WEIGHTS_ENV, ClipImageEncoder, clip_hub_files
+from diffusion_gym.nets import _resolve_clip_weights as _resolve_clip_weights
+from diffusion_gym.rewards.aesthetic import (
+    AESTHETIC_MLP_ENV,
+    AESTHETIC_MLP_FILENAME,
+    AESTHETIC_MLP_HUB_FILES,
+    AestheticMLP,
+    LaionAestheticScorer,
+    laion_aesthetic,
+)
+from diffusion_gym.rewards.aesthetic import _load_mlp_state as _load_mlp_state
+from diffusion_gym.rewards.aesthetic import _resolve_mlp_weights as _resolve_mlp_weights
+from diffusion_gym.rewards.digits import digit_confidence
+from diffusion_gym.rewards.host import host_reward, reward_async, runs_on_host
+from diffusion_gym.rewards.jpeg import (
+    JPEG_QUALITY,
+    JPEG_QUALITY_RANGE,
+    jpeg_compressibility,
+    jpeg_incompressibility,
+    jpeg_size_kb,
+    set_jpeg_workers,
+)
+from diffusion_gym.rewards.registry import _REGISTRY as _REGISTRY
+from diffusion_gym.rewards.registry import CheckedReward, RewardFn, available_rewards, make_reward, register_reward
+
+__all__ = [
+    "AESTHETIC_MLP_ENV",
+    "AESTHETIC_MLP_FILENAME",
+    "AESTHETIC_MLP_HUB_FILES",
+    "CLIP_WEIGHTS_ENV",
+    "JPEG_QUALITY",
+    "JPEG_QUALITY_RANGE",
+    "AestheticMLP",
+    "CheckedReward",
+    "ClipImageEncoder",
+    "LaionAestheticScorer",
+    "RewardFn",
+    "available_rewards",
+    "clip_hub_files",
+    "digit_confidence",
+    "host_reward",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "jpeg_size_kb",
+    "laion_aesthetic",
+    "make_reward",
+    "register_reward",
+    "reward_async",
+    "runs_on_host",
+    "set_jpeg_workers",
+]
+
+register_reward("jpeg_compressibility", jpeg_compressibility)
+register_reward("jpeg_incompressibility", jpeg_incompressibility)
+register_reward("laion_aesthetic", laion_aesthetic)
+register_reward("digit_confidence", digit_confidence)
