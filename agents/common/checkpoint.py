@@ -10,8 +10,9 @@ On-disk layout (one run directory, one writer)::
           unet/                     # unet.save_pretrained(..., safe_serialization=True): diffusers format,
             config.json             #   so UNet2DModel.from_pretrained(".../epoch-000012/unet") loads it
             diffusion_pytorch_model.safetensors
-          trainer_state.pt          # torch.save(state): optimizer, lr schedule, RNG states, epoch, window and
-                                    #   stat-tracker state, config ... (whatever the trainer passes)
+          trainer_state.json        # the trainer state without pickle (optimizer, lr schedule, RNG states, epoch,
+          trainer_state.safetensors #   window and stat-tracker state, config ...): its tensors and numpy arrays
+                                    #   in the safetensors file, everything else as tagged JSON (state_io.py)
           <name>.safetensors        # one per ``extra_weights`` entry (EMA weights, LoRA adapters, ...)
           meta.json                 # written last: epoch, time, and every file above with its size and sha256
         .tmp-epoch-000013-1a2b3c4d/ # only while a save is in progress (or left by a killed process)
@@ -30,13 +31,27 @@ Atomicity guarantees:
 * Stale ``.tmp-*`` entries left by a killed process are removed at the start of the next save. A run
   directory must therefore have a single writer at a time (one training process).
 * Readers (:func:`latest_checkpoint`) only accept *complete* checkpoints: ``meta.json`` parses and every
-  file it lists exists with the recorded size; :func:`load_checkpoint` also checks every sha256 and raises
-  :class:`CheckpointError` naming the corrupt or missing file.
+  file it lists exists with the recorded size; :func:`load_checkpoint` and :func:`verify_checkpoint` also
+  check every sha256 and raise :class:`CheckpointError` naming the corrupt or missing file.
+* Readers never fall back silently: when ``checkpoints/latest`` names a checkpoint that is missing,
+  incomplete or corrupt, :func:`load_checkpoint` (and :func:`latest_checkpoint`, unless ``strict=False``)
+  raise :class:`CheckpointError` naming the broken checkpoint and file and the newest complete checkpoint,
+  which the user may then pass explicitly (e.g. ``.../checkpoints/epoch-000011``).
+
+Security: loading a checkpoint never unpickles. The trainer state is stored with
+:func:`agents.common.state_io.encode_state` (``json`` + ``safetensors``; the supported types are listed there,
+anything else is refused by :func:`save_checkpoint` with a ``TypeError`` before anything is written), the
+weights are safetensors. Checkpoints of the previous format (version 1, a pickled ``trainer_state.pt``) are
+refused by :func:`load_checkpoint`, because unpickling a crafted file runs arbitrary code and the sha256 in
+``meta.json`` sits in the same directory, so it proves nothing about who wrote the file. To load such a
+checkpoint you trust (one you wrote yourself), opt in explicitly with ``load_checkpoint(path,
+allow_pickle=True)`` or with the environment variable ``DIFFUSION_GYM_ALLOW_PICKLE_CHECKPOINTS=1`` (e.g. for
+``diffusion-gym train --resume``); the checkpoints saved after that resume use the new format.
 
 Resume is exact when the trainer stores :func:`capture_rng_state` (Python ``random``, NumPy's global
 generator, torch CPU and all CUDA generators) in ``state`` and calls :func:`restore_rng_state` on resume;
 generators the trainer owns (``torch.Generator``, ``numpy.random.Generator``) must be stored in ``state``
-by the trainer itself.
+by the trainer itself (``generator.get_state()``, ``rng.bit_generator.state``).
 """
 
 from __future__ import annotations
@@ -59,10 +74,13 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from .state_io import STATE_JSON, STATE_TENSORS, StateDecodeError, encode_state, read_state, write_state
+
 if TYPE_CHECKING:  # importing diffusers takes seconds; only needed for the annotation
     from diffusers import ModelMixin
 
 __all__ = [
+    "ALLOW_PICKLE_ENV",
     "CHECKPOINTS_DIR",
     "Checkpoint",
     "CheckpointError",
@@ -72,16 +90,18 @@ __all__ = [
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
-STATE_FILE = "trainer_state.pt"
+LEGACY_STATE_FILE = "trainer_state.pt"  # format version 1: a pickle, only loaded when explicitly allowed
 UNET_DIR = "unet"
 TMP_PREFIX = ".tmp-"
 FORMAT_NAME = "diffusion-gym-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ALLOW_PICKLE_ENV = "DIFFUSION_GYM_ALLOW_PICKLE_CHECKPOINTS"
 
 _EPOCH_RE = re.compile(r"epoch-(\d{6,})")
 _EXTRA_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -268,8 +288,10 @@ def save_checkpoint(
         epoch: Non-negative epoch number (names the directory). Re-saving an existing epoch replaces it.
         unet: A diffusers ``ModelMixin`` (e.g. ``UNet2DModel``); saved with
             ``save_pretrained(..., safe_serialization=True)``. A ``torch.compile`` wrapper is unwrapped.
-        state: Trainer state, saved with ``torch.save`` (optimizer and lr-scheduler state dicts,
-            :func:`capture_rng_state`, epoch, window and stat-tracker state, config, ...).
+        state: Trainer state (optimizer and lr-scheduler state dicts, :func:`capture_rng_state`, epoch,
+            window and stat-tracker state, config, ...), saved without pickle: see
+            :mod:`agents.common.state_io` for the supported types (nested dicts, lists, tuples, scalars,
+            tensors, numpy arrays and scalars); :func:`load_checkpoint` returns an equal dict.
         keep: How many complete checkpoints to keep (at least 1).
         extra_weights: ``{name: state_dict}`` saved as ``<name>.safetensors`` (EMA weights, LoRA adapters).
             Names may use letters, digits, ``_``, ``.`` and ``-``.
@@ -282,7 +304,8 @@ def save_checkpoint(
 
     Raises:
         ValueError: ``epoch`` is negative, ``keep < 1``, or an ``extra_weights`` name is invalid.
-        TypeError: An ``extra_weights`` entry is not a dict of tensors.
+        TypeError: ``state`` is not a dict or holds an unsupported value (the message names its key path and
+            type), or an ``extra_weights`` entry is not a dict of tensors. Nothing is written then.
     """
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
@@ -292,6 +315,10 @@ def save_checkpoint(
     for name in extra_weights:
         if not isinstance(name, str) or not _EXTRA_NAME_RE.fullmatch(name):
             raise ValueError(f"invalid extra_weights name {name!r}: use letters, digits, '_', '.' and '-'")
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    encoded = encode_state(state)  # refuses unsupported values before anything is written
+    prepared = {extra_name: _prepare_tensors(extra_name, tensors) for extra_name, tensors in extra_weights.items()}
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile wrapper
 
     root = Path(run_dir) / CHECKPOINTS_DIR
@@ -313,12 +340,9 @@ def save_checkpoint(
                 "scheduler": ["diffusers", type(scheduler).__name__],
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        for extra_name, tensors in extra_weights.items():
-            safetensors.torch.save_file(_prepare_tensors(extra_name, tensors), str(tmp / f"{extra_name}.safetensors"))
+        write_state(tmp, encoded)
+        for extra_name, tensors in prepared.items():
+            safetensors.torch.save_file(tensors, str(tmp / f"{extra_name}.safetensors"))
 
         files: dict[str, dict[str, Any]] = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
@@ -380,20 +404,54 @@ def _safe_relpath(rel: str) -> bool:
     return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
 
 
+def _is_legacy(meta: dict[str, Any]) -> bool:
+    """Whether ``meta`` describes a format-version-1 checkpoint (a pickled ``trainer_state.pt``)."""
+    return LEGACY_STATE_FILE in meta["files"] and STATE_JSON not in meta["files"]
+
+
+def _files_problem(ckpt: Path, meta: dict[str, Any], hashes: bool) -> str | None:
+    """What is wrong with the files ``meta.json`` lists (naming the file), or None when all are in place.
+
+    Args:
+        ckpt: The checkpoint directory.
+        meta: Its parsed ``meta.json``.
+        hashes: Also compare every file's sha256 (reads every byte); otherwise only existence and sizes.
+    """
+    listed = meta["files"]
+    extra = meta.get("extra_weights", [])
+    if not isinstance(extra, list) or not all(isinstance(name, str) for name in extra):
+        return f"{META_FILE} has an invalid extra_weights entry {extra!r}"
+    state_files = [LEGACY_STATE_FILE] if _is_legacy(meta) else [STATE_JSON, STATE_TENSORS]
+    for rel in [*state_files, *(f"{name}.safetensors" for name in extra)]:
+        if rel not in listed:
+            return f"{META_FILE} does not list {rel}"
+    for rel, info in listed.items():
+        if not isinstance(rel, str) or not _safe_relpath(rel) or not isinstance(info, dict):
+            return f"{META_FILE} has an invalid entry {rel!r}"
+        file = ckpt / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        size = file.stat().st_size
+        if size != info.get("size"):
+            return f"{rel} has {size} bytes, {META_FILE} records {info.get('size')}"
+        if hashes and _sha256(file) != info.get("sha256"):
+            return f"{rel} does not match the sha256 recorded in {META_FILE}"
+    return None
+
+
+def _problem(ckpt: Path) -> str | None:
+    """What makes ``ckpt`` incomplete (naming the file), or None when it is complete (sizes only, no hashing)."""
+    if not ckpt.is_dir():
+        return "the directory does not exist"
+    meta = _read_meta(ckpt)
+    if meta is None:
+        return f"{META_FILE} is missing" if not (ckpt / META_FILE).exists() else f"{META_FILE} is unreadable"
+    return _files_problem(ckpt, meta, hashes=False)
+
+
 def _is_complete(ckpt: Path) -> bool:
     """``meta.json`` parses and every file it lists exists with the recorded size (no hashing)."""
-    meta = _read_meta(ckpt)
-    if meta is None or STATE_FILE not in meta["files"]:
-        return False
-    for rel, info in meta["files"].items():
-        if not _safe_relpath(rel) or not isinstance(info, dict):
-            return False
-        try:
-            if (ckpt / rel).stat().st_size != info.get("size"):
-                return False
-        except OSError:
-            return False
-    return True
+    return _problem(ckpt) is None
 
 
 def _checkpoints_root(path: Path) -> Path:
@@ -405,20 +463,49 @@ def _is_checkpoint_dir(path: Path) -> bool:
     return (path / META_FILE).is_file() or (_epoch_of(path.name) is not None and path.is_dir())
 
 
-def latest_checkpoint(path: str | Path) -> Path | None:
-    """Find the newest complete checkpoint.
+def _epoch_dirs(root: Path) -> list[Path]:
+    """The ``epoch-*`` directories in ``root``, highest epoch first (``.tmp-*`` entries are never included)."""
+    found = [(epoch, entry) for entry in root.iterdir() if (epoch := _epoch_of(entry.name)) is not None]
+    return [entry for _, entry in sorted(found, reverse=True) if entry.is_dir()]
+
+
+def _how_to_proceed(root: Path, broken: Path | None) -> str:
+    """Tell the user which complete checkpoint to pass explicitly instead of a broken latest one."""
+    older = next((entry for entry in _epoch_dirs(root) if entry != broken and _is_complete(entry)), None)
+    if older is None:
+        return (
+            f"There is no other complete checkpoint in {root}: restore the broken files from a backup, or start "
+            "the run again."
+        )
+    return (
+        f"To continue from the newest complete checkpoint instead, pass its directory explicitly: {older} "
+        "(e.g. --resume that path); the next save in this run directory replaces or deletes the broken checkpoint."
+    )
+
+
+def latest_checkpoint(path: str | Path, *, strict: bool = True) -> Path | None:
+    """Find the newest checkpoint of a run.
 
     A checkpoint is complete when its ``meta.json`` parses and every file it lists exists with the
-    recorded size (checksums are only checked by :func:`load_checkpoint`). The one named by
-    ``checkpoints/latest`` is preferred if complete; otherwise the complete one with the highest epoch.
-    ``.tmp-*`` directories (saves in progress or killed) are ignored.
+    recorded size (checksums are only checked by :func:`load_checkpoint` and :func:`verify_checkpoint`).
+    The newest checkpoint is the one named by ``checkpoints/latest`` (or, without that file, the one with
+    the highest epoch). ``.tmp-*`` directories (saves in progress or killed) are ignored.
 
     Args:
         path: A run directory, its ``checkpoints/`` directory, or a checkpoint directory itself (returned
-            if complete).
+            if complete, else None).
+        strict: When the newest checkpoint is missing or incomplete (or ``latest`` is malformed), raise
+            :class:`CheckpointError` naming it, the wrong file and the newest complete checkpoint. With
+            ``strict=False``, silently return the newest complete checkpoint instead (the behaviour before
+            format version 2; only for callers that only need some checkpoint, never for resuming).
 
     Returns:
-        The checkpoint directory, or None if there is no complete checkpoint.
+        The checkpoint directory, or None if ``path`` holds no checkpoint (no ``latest`` file and no
+        complete ``epoch-*`` directory), or, with ``strict=False``, no complete one.
+
+    Raises:
+        CheckpointError: With ``strict=True``: ``latest`` names a missing, incomplete or corrupt checkpoint,
+            or is malformed.
     """
     path = Path(path)
     if not path.is_dir():
@@ -426,92 +513,161 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     if _is_checkpoint_dir(path):
         return path if _is_complete(path) else None
     root = _checkpoints_root(path)
+    latest_file = root / LATEST_FILE
+    newest: Path | None = None  # the checkpoint the run considers its newest, if `latest` names one
     try:
-        named = (root / LATEST_FILE).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        named = ""
-    if _epoch_of(named) is not None and _is_complete(root / named):
-        return root / named
-    candidates = sorted(
-        ((epoch, entry) for entry in root.iterdir() if (epoch := _epoch_of(entry.name)) is not None),
-        reverse=True,
+        named = latest_file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        epochs = _epoch_dirs(root)
+        if not epochs:
+            return None
+        newest = epochs[0]
+        what, problem = f"the newest checkpoint {newest}", _problem(newest)
+    except (OSError, UnicodeDecodeError) as err:
+        what, problem = str(latest_file), f"it cannot be read ({err}); it should name the newest checkpoint"
+    else:
+        if _epoch_of(named) is None:
+            what = str(latest_file)
+            problem = f"it contains {named[:60]!r}, not a checkpoint name like 'epoch-000012'"
+        else:
+            newest = root / named
+            what, problem = f"the latest checkpoint {newest} (named by {latest_file})", _problem(newest)
+    if problem is None:
+        return newest
+    if strict:
+        raise CheckpointError(
+            f"{what} is broken: {problem}. Not falling back to an older checkpoint silently. "
+            + _how_to_proceed(root, newest)
+        )
+    return next((entry for entry in _epoch_dirs(root) if entry != newest and _is_complete(entry)), None)
+
+
+def _resolve(path: Path) -> Path:
+    """The checkpoint directory ``path`` designates (see :func:`load_checkpoint`), or CheckpointError."""
+    if (path / META_FILE).is_file():
+        return path  # explicit checkpoint directory: verify it and report exactly what is wrong
+    if path.is_dir() and _epoch_of(path.name) is not None:
+        raise CheckpointError(f"{path} is not a complete checkpoint: {META_FILE} is missing")
+    found = latest_checkpoint(path, strict=True)
+    if found is None:
+        where = "does not exist" if not path.exists() else "contains no complete checkpoint"
+        raise CheckpointError(
+            f"no checkpoint found: {path} {where} (expected a run directory, its {CHECKPOINTS_DIR}/ "
+            f"directory, or a checkpoint directory with {META_FILE})"
+        )
+    return found
+
+
+def _verified_meta(ckpt: Path) -> dict[str, Any]:
+    """Parse ``meta.json`` and check every listed file's size and sha256; raise CheckpointError naming a bad one."""
+    meta = _read_meta(ckpt)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: {META_FILE} is unreadable or malformed")
+    problem = _files_problem(ckpt, meta, hashes=True)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete or corrupt: {problem}")
+    return meta
+
+
+def verify_checkpoint(path: str | Path) -> Path:
+    """Check a checkpoint's files (sizes and sha256) without loading anything.
+
+    For commands that read only the weights (``sample``, ``evaluate``): call it before
+    ``UNet2DModel.from_pretrained(ckpt / "unet")`` or ``DDPMPipeline.from_pretrained(ckpt)``. A checkpoint
+    of the old pickle-based format passes when its files are intact (its trainer state is not read).
+
+    Args:
+        path: Run directory, ``checkpoints/`` directory, or checkpoint directory; resolved like
+            :func:`load_checkpoint` (a broken ``latest`` is an error, never skipped).
+
+    Returns:
+        The verified checkpoint directory.
+
+    Raises:
+        CheckpointError: No checkpoint at ``path``, or a listed file is missing or corrupt (the message names
+            the file).
+    """
+    ckpt = _resolve(Path(path))
+    _verified_meta(ckpt)
+    return ckpt
+
+
+def _pickle_allowed(allow_pickle: bool | None) -> bool:
+    if allow_pickle is not None:
+        return bool(allow_pickle)
+    value = os.environ.get(ALLOW_PICKLE_ENV, "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise CheckpointError(
+        f"invalid {ALLOW_PICKLE_ENV}={value!r}: set it to '1' to allow loading old pickle-based checkpoints you "
+        "trust, or to '0' (or leave it unset) to refuse them"
     )
-    for _, entry in candidates:
-        if entry.is_dir() and _is_complete(entry):
-            return entry
-    return None
 
 
-def _verify(ckpt: Path, meta: dict[str, Any]) -> None:
-    """Check every file listed in ``meta.json``; raise :class:`CheckpointError` naming the first bad one."""
-    if STATE_FILE not in meta["files"]:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: meta.json does not list {STATE_FILE}")
-    for rel, info in meta["files"].items():
-        if not _safe_relpath(rel) or not isinstance(info, dict):
-            raise CheckpointError(f"checkpoint {ckpt} is corrupt: meta.json has an invalid entry {rel!r}")
-        file = ckpt / rel
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is incomplete: missing file {rel}")
-        size = file.stat().st_size
-        if size != info.get("size"):
-            raise CheckpointError(
-                f"checkpoint {ckpt} is corrupt: {rel} has {size} bytes, meta.json records {info.get('size')}"
-            )
-        if _sha256(file) != info.get("sha256"):
-            raise CheckpointError(f"checkpoint {ckpt} is corrupt: sha256 mismatch for {rel}")
-    for name in meta.get("extra_weights", []):
-        if f"{name}.safetensors" not in meta["files"]:
-            raise CheckpointError(f"checkpoint {ckpt} is corrupt: meta.json does not list {name}.safetensors")
-
-
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
-    """Load and verify a checkpoint.
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, allow_pickle: bool | None = None
+) -> Checkpoint:
+    """Load and verify a checkpoint, without unpickling anything (unless explicitly allowed, see below).
 
     ``path`` is resolved with :func:`latest_checkpoint` (a run directory, its ``checkpoints/`` directory, or
-    a checkpoint directory). Every file listed in ``meta.json`` is checked against its size and sha256
-    before anything is deserialised. The UNet is not loaded: use
-    ``UNet2DModel.from_pretrained(ckpt.unet_dir)`` (or ``load_state_dict`` into an existing model).
+    a checkpoint directory). When ``checkpoints/latest`` names a broken checkpoint this raises; it never
+    falls back to an older one: pass the older checkpoint directory explicitly. Every file listed in
+    ``meta.json`` is checked against its size and sha256 before anything is deserialised. The UNet is not
+    loaded: use ``UNet2DModel.from_pretrained(ckpt.unet_dir)`` (or ``load_state_dict`` into an existing model).
 
-    ``trainer_state.pt`` is read with ``torch.load(weights_only=False)`` because the trainer state holds
-    plain Python objects the restricted unpickler rejects (NumPy RNG state, config objects, stat-tracker
-    buffers). This file is only ever one written by :func:`save_checkpoint` and its checksum is verified,
-    but a checksum is not a signature: do not load checkpoints from untrusted sources. Weights (UNet,
-    ``extra_weights``) are safetensors and never unpickled.
+    The trainer state is read with :func:`agents.common.state_io.read_state` (``json`` + ``safetensors``).
+    Checkpoints of format version 1 hold a pickled ``trainer_state.pt``, which can run arbitrary code when
+    loaded; they are refused unless ``allow_pickle=True`` or the environment variable
+    ``DIFFUSION_GYM_ALLOW_PICKLE_CHECKPOINTS=1`` (only for checkpoints you trust).
 
     Args:
         path: Run directory, ``checkpoints/`` directory, or checkpoint directory.
-        map_location: Device for the trainer-state tensors and the ``extra_weights`` tensors.
+        map_location: Device for the trainer-state tensors and the ``extra_weights`` tensors (numpy arrays
+            in the state stay numpy arrays).
+        allow_pickle: Load an old pickle-based checkpoint with ``torch.load(weights_only=False)``. None (the
+            default) follows ``DIFFUSION_GYM_ALLOW_PICKLE_CHECKPOINTS`` (``1``: allow); False always refuses.
 
     Returns:
         The loaded :class:`Checkpoint`.
 
     Raises:
-        CheckpointError: No complete checkpoint at ``path``, or a listed file is missing or corrupt (the
-            message names the file).
+        CheckpointError: No complete checkpoint at ``path``, the latest one is broken, a listed file is
+            missing or corrupt (the message names the file), or the checkpoint is an old pickle-based one
+            and pickle is not allowed.
     """
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        ckpt = path  # explicit checkpoint directory: verify it and report exactly what is wrong
-    else:
-        if path.is_dir() and _epoch_of(path.name) is not None:
-            raise CheckpointError(f"{path} is not a complete checkpoint: {META_FILE} is missing")
-        found = latest_checkpoint(path)
-        if found is None:
-            where = "does not exist" if not path.exists() else "contains no complete checkpoint"
-            raise CheckpointError(
-                f"no checkpoint found: {path} {where} (expected a run directory, its {CHECKPOINTS_DIR}/ "
-                f"directory, or a checkpoint directory with {META_FILE})"
-            )
-        ckpt = found
+    ckpt = _resolve(Path(path))
     meta = _read_meta(ckpt)
     if meta is None:
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: {META_FILE} is unreadable or malformed")
-    _verify(ckpt, meta)
-
-    # weights_only=False: our own, checksum-verified trainer state contains non-tensor Python objects.
-    state = torch.load(ckpt / STATE_FILE, map_location=map_location, weights_only=False)
+    version = meta.get("version")
+    if version not in (1, FORMAT_VERSION):
+        raise CheckpointError(
+            f"checkpoint {ckpt} has format version {version!r}; this code reads version {FORMAT_VERSION} (and "
+            "version 1 on request): was it written by a newer diffusion-gym?"
+        )
+    legacy = _is_legacy(meta)
+    if legacy and not _pickle_allowed(allow_pickle):
+        raise CheckpointError(
+            f"checkpoint {ckpt} is an old pickle-based checkpoint (format version {version}, its trainer state "
+            f"is the pickle {LEGACY_STATE_FILE}). Loading it can run arbitrary code hidden in that file; the "
+            f"sha256 in {META_FILE} does not tell who wrote it. If you trust this checkpoint (you wrote it "
+            f"yourself), opt in explicitly: load_checkpoint(path, allow_pickle=True), or set the environment "
+            f"variable {ALLOW_PICKLE_ENV}=1 (e.g. for 'diffusion-gym train --resume'). Checkpoints saved after "
+            "that use the pickle-free format."
+        )
+    meta = _verified_meta(ckpt)
+    if legacy:
+        # Explicitly allowed by the caller: format version 1 pickled the trainer state.
+        state = torch.load(ckpt / LEGACY_STATE_FILE, map_location=map_location, weights_only=False)
+    else:
+        try:
+            state = read_state(ckpt, map_location)
+        except StateDecodeError as err:
+            raise CheckpointError(f"checkpoint {ckpt} has an unreadable trainer state: {err}") from None
     extra = {
-        name: safetensors.torch.load_file(str(ckpt / f"{name}.safetensors"), device=map_location)
+        name: safetensors.torch.load_file(str(ckpt / f"{name}.safetensors"), device=str(map_location))
         for name in meta.get("extra_weights", [])
     }
     return Checkpoint(path=ckpt, epoch=meta["epoch"], unet_dir=ckpt / UNET_DIR, state=state, extra_weights=extra)
@@ -544,8 +700,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     resume cannot be bit-identical anyway.
 
     Args:
-        state: The dict returned by :func:`capture_rng_state` (possibly after a ``torch.save`` /
-            ``torch.load`` round trip with any ``map_location``).
+        state: The dict returned by :func:`capture_rng_state` (possibly after a :func:`save_checkpoint` /
+            :func:`load_checkpoint` round trip with any ``map_location``).
     """
     if state.get("python") is not None:
         version, internal, gauss = state["python"]
