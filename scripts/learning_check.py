@@ -18,7 +18,7 @@ import time
 import torch
 
 from agents.ppo_is.config import load_config
-from agents.ppo_is.trainer import train
+from agents.ppo_is import train
 
 RUNS = [
     ("ddpo", "jpeg_compressibility"),

@@ -1,6 +1,6 @@
 """One process of the data-parallel tests, started by ``torchrun`` or by tests/test_distributed.py.
 
-It trains with :func:`agents.ppo_is.trainer.train` as ``diffusion-gym train`` would, then saves this
+It trains with :func:`agents.ppo_is.train` as ``diffusion-gym train`` would, then saves this
 rank's final weights and epoch statistics to ``<out>/rank<RANK>.pt`` (only rank 0 writes checkpoints,
 so the other ranks' weights are only visible this way). ``--die-rank R`` makes rank ``R`` send
 itself ``--die-signal`` when it starts collecting its first batch, while the others wait in a collective.
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-import agents.ppo_is.trainer as trainer
+from agents.common.collector import Collector
+from agents.ppo_is import train
 from agents.ppo_is.config import load_config
 from diffusion_gym import rewards
 
@@ -47,16 +48,16 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
 
     captured = {}
-    real_collect = trainer.collect
+    real_collect = Collector.collect
 
-    def collect(envs, policy, *rest, **kwargs):  # noqa: ANN001, ANN202 - a transparent spy
-        captured["policy"] = policy
+    def collect(self, *rest, **kwargs):  # noqa: ANN001, ANN202 - a transparent spy
+        captured["policy"] = self.policy
         if args.die_rank == rank:
             os.kill(os.getpid(), getattr(signal, args.die_signal))
-        return real_collect(envs, policy, *rest, **kwargs)
+        return real_collect(self, *rest, **kwargs)
 
-    trainer.collect = collect
-    result = trainer.train(
+    Collector.collect = collect
+    result = train(
         load_config(None, args.overrides),
         run_dir=args.run_dir,
         resume=args.resume,

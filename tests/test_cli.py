@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -62,9 +64,14 @@ def test_train_rejects_an_unknown_algo_or_the_other_algos_config(capsys):
     assert exit_info.value.code == 2
     assert "invalid choice: 'sac' (choose from" in capsys.readouterr().err
     ppo = "envs_configs/digits_ddpo_jpeg_compressibility.yaml"
-    assert main(["train", "--algo", "vard", "--config", ppo]) == 2
+    assert main(["train", "--algo", "vard", "--config", ppo]) == 2  # the config says algo: ppo-is
     err = capsys.readouterr().err
-    assert "train.clip_range: Extra inputs are not permitted" in err and "use --algo ppo-is" in err
-    assert main(["train", "--config", "envs_configs/digits_vard_jpeg_compressibility.yaml"]) == 2
+    assert "algo: the config says 'ppo-is' but 'vard' was asked for" in err and "use --algo ppo-is" in err
+
+
+def test_a_config_without_algo_that_fits_another_algo_says_which(tmp_path, capsys):
+    vard = Path("envs_configs/digits_vard_jpeg_compressibility.yaml").read_text().replace("algo: vard\n", "")
+    (tmp_path / "vard.yaml").write_text(vard)
+    assert main(["train", "--config", str(tmp_path / "vard.yaml")]) == 2  # read as ppo-is, the default
     err = capsys.readouterr().err
     assert "value: Extra inputs are not permitted" in err and "use --algo vard" in err

@@ -23,8 +23,8 @@ from diffusers import UNet2DModel
 from agents.common.checkpoint import latest_checkpoint
 from agents.common.distributed import Distributed, DistributedError, init_distributed
 from agents.ppo_is.config import ConfigError, load_config
-from agents.ppo_is.trainer import _owned_pairs, train
-from diffusion_gym.envs import Shard
+from agents.common.rollout import RolloutLayout
+from agents.ppo_is import train
 from diffusion_gym.models import load_model
 from diffusion_gym.rewards import _REGISTRY
 
@@ -248,7 +248,7 @@ def test_num_envs_must_divide_among_the_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "5")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setattr("agents.ppo_is.trainer.init_distributed", lambda device, t: (Distributed(0, 5), device))
+    monkeypatch.setattr("agents.common.runner.init_distributed", lambda device, t: (Distributed(0, 5), device))
     with pytest.raises(ConfigError, match=r"sample.num_envs \(12\).*WORLD_SIZE=5.*\[1, 2, 3, 4, 6, 12\]"):
         train(load_config(None, TINY), progress=False)
 
@@ -275,9 +275,8 @@ def test_owned_pairs_partition_every_chunk():
     chunk = torch.randperm(b * world * blocks)[:10]
     seen = []
     for rank in range(world):
-        shard = Shard(rank, world, lambda t: t)
-        local = _owned_pairs(chunk, b, shard)
+        local = RolloutLayout(b, world, rank).owned(chunk)
         global_ids = (local // b) * b * world + rank * b + local % b
         seen += global_ids.tolist()
     assert sorted(seen) == sorted(chunk.tolist())
-    assert torch.equal(_owned_pairs(chunk, b * world, None), chunk)
+    assert torch.equal(RolloutLayout(b * world).owned(chunk), chunk)

@@ -13,7 +13,7 @@ from agents.common.drift import (
 )
 from agents.common.policy import DiffusionPolicy
 from agents.ppo_is.config import ConfigError, load_config
-from agents.ppo_is.trainer import train
+from agents.ppo_is import train
 from diffusion_gym import sampling
 from diffusion_gym.metrics import group_cosine_diversity
 from diffusion_gym.models import load_model
@@ -173,17 +173,16 @@ def test_ppo_is_with_all_drift_mechanisms(tmp_path):
 
 def test_drift_subset_leaves_out_the_dropped_pairs(tmp_path, monkeypatch):
     """The update sees exactly the kept trajectories' pairs."""
-    import agents.ppo_is.trainer as trainer_module
+    from agents.ppo_is.algorithm import ClippedUpdate
 
     seen = {}
-    original = trainer_module.update
+    original = ClippedUpdate.update
 
-    def spy(policy, buffer, optimizer, config, generator, *args, **kwargs):
-        keep_pairs = args[3] if len(args) > 3 else kwargs["keep_pairs"]
-        seen["pairs"], seen["kept"] = len(buffer), int(keep_pairs.sum())
-        return original(policy, buffer, optimizer, config, generator, *args, **kwargs)
+    def spy(self, rollout, keep_pairs=None):
+        seen["pairs"], seen["kept"] = len(rollout), int(keep_pairs.sum())
+        return original(self, rollout, keep_pairs)
 
-    monkeypatch.setattr(trainer_module, "update", spy)
+    monkeypatch.setattr(ClippedUpdate, "update", spy)
     train(
         load_config(None, [*TINY, "drift.subset_fraction=0.5"]), run_dir=tmp_path / "run", progress=False, stop_after=1
     )

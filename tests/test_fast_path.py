@@ -15,10 +15,11 @@ import warnings
 import pytest
 import torch
 
-from agents.common.buffer import RolloutBuffer
+from agents.common.collector import Collector, policy_noise_sampler
 from agents.common.policy import DiffusionPolicy
 from agents.ppo_is.config import ConfigError, load_config
-from agents.ppo_is.trainer import collect, policy_noise_sampler, train, update
+from agents.ppo_is import train
+from agents.ppo_is.algorithm import ClippedUpdate
 from diffusion_gym import sampling
 from diffusion_gym.envs import DiffusionDenoiseVectorEnv
 from diffusion_gym.models import load_model
@@ -63,9 +64,8 @@ def _env(num_envs: int = 4, device: str = "cpu", model=None) -> DiffusionDenoise
 def _collect(policy: DiffusionPolicy, seed: int = 0, noise: str = "cpu", num_envs: int = 4):
     envs = _env(num_envs)
     envs.reset(seed=seed)
-    buffer = RolloutBuffer("cpu")
     generator = torch.Generator().manual_seed(seed)
-    collect(envs, policy, buffer, 1, generator, noise)
+    buffer = Collector(envs, policy, generator, noise=noise).collect(1)
     return buffer, generator
 
 
@@ -119,7 +119,7 @@ def test_bf16_first_ratio_is_close_to_one():
         None, [f"sample.num_steps={NUM_STEPS}", "sample.num_envs=4", "mixed_precision=bf16", "train.batch_size=7"]
     )
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
-    logged = update(policy, buffer, optimizer, config, generator)
+    logged = ClippedUpdate(policy, optimizer, config.train, generator).update(buffer)
     assert 0 <= logged["first_ratio_max_dev"] < 1e-2
 
 
@@ -173,7 +173,7 @@ def test_cpu_policy_noise_is_the_generator_stream():
     """The default keeps drawing from the trainer's CPU generator, as before the option existed."""
     envs = _env()
     generator = torch.Generator().manual_seed(3)
-    draw = policy_noise_sampler(envs, generator, "cpu")
+    draw = policy_noise_sampler(envs.core, generator, "cpu")
     expected = torch.randn((4, 1, 16, 16), generator=torch.Generator().manual_seed(3))
     assert torch.equal(draw(), expected)
 
@@ -194,7 +194,7 @@ def test_device_policy_noise_option():
     torch.randint(0, 2**62, (), generator=reference)
     assert torch.equal(gen_a.get_state(), reference.get_state()) and torch.equal(gen_a.get_state(), gen_b.get_state())
     with pytest.raises(ValueError, match="valid choices"):
-        policy_noise_sampler(_env(), torch.Generator(), "gpu")
+        policy_noise_sampler(_env().core, torch.Generator(), "gpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,13 +260,12 @@ def test_gpu_compile_bf16_first_ratio(mode):
     policy = DiffusionPolicy(loaded.unet, schedule, torch.bfloat16, channels_last=True, compile=mode)
     envs = _env(num_envs=4, device="cuda", model=loaded)
     envs.reset(seed=0)
-    buffer = RolloutBuffer("cuda")
     generator = torch.Generator().manual_seed(0)
-    collect(envs, policy, buffer, 1, generator, "device")
+    buffer = Collector(envs, policy, generator, noise="device").collect(1)
     buffer.set_advantages(torch.randn(buffer.num_trajectories, generator=generator))
     config = load_config(None, [f"sample.num_steps={NUM_STEPS}", "sample.num_envs=4", "train.batch_size=4"])
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-7)
-    logged = update(policy, buffer, optimizer, config, generator)
+    logged = ClippedUpdate(policy, optimizer, config.train, generator).update(buffer)
     assert 0 <= logged["first_ratio_max_dev"] < 1e-3
 
 
@@ -283,15 +282,15 @@ def test_gpu_rollout_syncs_do_not_grow_with_the_steps(noise):
             num_envs=4, model=loaded, num_steps=num_steps, window="full", device="cuda", check_actions=False
         )
         envs.reset(seed=0)
-        buffer = RolloutBuffer("cuda")
         generator = torch.Generator().manual_seed(0)
-        collect(envs, policy, buffer, 1, generator, noise)  # warm-up: allocator, kernels
+        collector = Collector(envs, policy, generator, noise=noise)
+        collector.collect(1)  # warm-up: allocator, kernels
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                collect(envs, policy, buffer, 1, generator, noise)
+                collector.collect(1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)

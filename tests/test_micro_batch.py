@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from agents.common.buffer import RolloutBuffer
+from agents.common.collector import Collector
 from agents.common.micro_batch import MicroBatchSize
 from agents.common.policy import DiffusionPolicy
 from agents.ppo_is.config import load_config
-from agents.ppo_is.trainer import collect, update
+from agents.common.rollout import Rollout
+from agents.ppo_is.algorithm import ClippedUpdate
 from diffusion_gym import sampling
 from diffusion_gym.envs import DiffusionDenoiseVectorEnv
 
@@ -55,14 +56,13 @@ def test_bad_size_is_rejected():
         MicroBatchSize(0)
 
 
-def _rollout(model) -> tuple[DiffusionPolicy, RolloutBuffer]:
+def _rollout(model) -> tuple[DiffusionPolicy, Rollout]:
     schedule = sampling.make_schedule(model.scheduler, K, eta=1.0)
     policy = DiffusionPolicy(copy.deepcopy(model.unet), schedule)
     envs = DiffusionDenoiseVectorEnv(num_envs=4, model=model, num_steps=K, check_actions=False)
     envs.reset(seed=0)
-    buffer = RolloutBuffer("cpu")
     generator = torch.Generator().manual_seed(0)
-    collect(envs, policy, buffer, 1, generator)
+    buffer = Collector(envs, policy, generator).collect(1)
     buffer.set_advantages(torch.randn(buffer.num_trajectories, generator=generator))
     return policy, buffer
 
@@ -85,7 +85,9 @@ def _update(model, batch_size: int, fits: int | None, micro: MicroBatchSize | No
     )
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
-    logged = [update(policy, buffer, optimizer, config, generator, micro_batch=micro) for _ in range(updates)]
+    logged = [
+        ClippedUpdate(policy, optimizer, config.train, generator, micro_batch=micro).update(buffer) for _ in range(updates)
+    ]
     return policy, logged, attempts
 
 

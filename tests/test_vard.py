@@ -8,7 +8,7 @@ import torch
 from agents.common.checkpoint import latest_checkpoint, load_checkpoint
 from agents.ppo_is.config import ConfigError
 from agents.vard.config import VardConfig, load_vard_config
-from agents.vard.trainer import train
+from agents.vard import train
 from agents.vard.value import ValueData, ValueNetwork, explained_variance, fit_value, state_timesteps
 from diffusion_gym import sampling
 from diffusion_gym.digits import load_digits_dataset

@@ -8,9 +8,9 @@ Per epoch (= one HRF iteration), run by :class:`~agents.common.runner.OnPolicyRu
 2. **Advantages**: rewards standardised per group — per reference image for windowed episodes,
    per condition (tracked over epochs) from pure noise — and clipped to ``±adv_clip_max``
    (DRIFT's subset and diversity shaping plug in here: :class:`~agents.common.drift.DriftAdvantages`).
-3. **Update** (:meth:`PPOIS.update`): for each inner epoch, shuffle the (sample, step) pairs, split
+3. **Update** (:meth:`ClippedUpdate.update`): for each inner epoch, shuffle the (sample, step) pairs, split
    them into ``gradient_updates_per_epoch`` chunks; per chunk, accumulate the gradient of the
-   clipped importance-sampling loss (:meth:`PPOIS.chunk_gradient`) over micro-batches, clip the
+   clipped importance-sampling loss (:meth:`ClippedUpdate.chunk_gradient`) over micro-batches, clip the
    gradient norm, take one AdamW step.
 
 Data-parallel under ``torchrun``: every process draws the randomness of the *global* batch and
@@ -42,9 +42,9 @@ from ..common.micro_batch import MicroBatchSize
 from ..common.policy import DiffusionPolicy, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
 from ..common.rollout import Rollout
 from ..common.runner import Algorithm, EpochStats, RunContext, TrainingDivergedError
-from .config import Config
+from .config import Config, TrainConfig
 
-__all__ = ["PPOIS", "PPOEpochStats"]
+__all__ = ["PPOIS", "ClippedUpdate", "PPOEpochStats"]
 
 _SUMS = ("loss", "approx_kl", "clipfrac", "kl_ref")
 
@@ -117,82 +117,33 @@ class _Sums:
         return out
 
 
-class PPOIS(Algorithm):
-    """PPO-IS: the clipped importance-sampling update of DDPO on the denoising MDP."""
+class ClippedUpdate:
+    """PPO-IS's update: the clipped importance-sampling loss over a rollout's (sample, step) pairs.
 
-    name = "ppo-is"
-    supports_distributed = True
+    Args:
+        policy: the policy being trained.
+        optimizer: its optimizer.
+        train_config: the ``train`` section (clip range, KL weight, chunks, inner epochs, clipping).
+        generator: the trainer's CPU generator (the pair shuffles).
+        dist: the collectives (gradients are summed across processes).
+        reference: the frozen reference policy of the KL penalty (``None``: no penalty).
+        micro_batch: the pairs per forward/backward (default: ``train.batch_size``, halved on out-of-memory).
+    """
 
-    def __init__(self, config: Config, run: RunContext) -> None:
-        super().__init__(config, run)
-        t, d = config.train, config.drift
-        self.policy, self.reference = _build_policies(config, run)
-        self.envs = make_env(config, self.policy, run.loaded, run.dist)
-        self.drift = DriftAdvantages(d.subset_fraction, d.diversity_coef, run.dist) if d.enabled else None
-        observers = self.drift.observers if self.drift is not None else []
-        self.collector = Collector(self.envs, self.policy, run.generator, run.dist, config.policy_noise, observers)
-        self.micro_batch = MicroBatchSize(t.batch_size)  # halves (for the run) if a micro-batch runs out of memory
-        self.optimizer = torch.optim.AdamW(
-            self.policy.trainable_parameters(),
-            lr=t.learning_rate,
-            betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.weight_decay,
-            eps=t.adam_epsilon,
-        )
-        warmup = max(1, t.warmup_epochs)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: min(1.0, (e + 1) / warmup))
-        self.tracker = PerConditionStatTracker(t.stat_buffer_size, t.stat_min_count)
-        self.ema = copy.deepcopy(self.policy.unet).requires_grad_(False) if t.ema_decay > 0 else None
-
-    @classmethod
-    def check_world_size(cls, config: Config, dist: Distributed) -> None:
-        """``sample.num_envs`` must split evenly across the processes."""
-        n = config.sample.num_envs
-        if n % dist.world_size:
-            valid = [d for d in range(1, n + 1) if n % d == 0]
-            raise ConfigError(
-                f"sample.num_envs ({n}) must be divisible by the number of processes (WORLD_SIZE={dist.world_size}): "
-                f"each process collects num_envs / WORLD_SIZE episodes of every batch; valid process counts for "
-                f"num_envs={n}: {valid} (or change sample.num_envs)"
-            )
-
-    # ------------------------------------------------------------------------------------ the epoch
-    def train_epoch(self, epoch: int) -> PPOEpochStats:
-        """Collect, compute the advantages, update; one learning-rate schedule step."""
-        self.policy.eval()
-        rollout = self.collector.collect(self.config.sample.num_batches_per_epoch)
-        traj = rollout.trajectories()
-        t = self.config.train
-        keep, drift_stats = None, {}
-        if self.drift is not None:
-            keep, drift_stats = self.drift.set_advantages(rollout, traj, self.tracker, t.advantage_mode, t.adv_clip_max)
-        else:
-            rollout.set_advantages(
-                compute_advantages(
-                    traj.rewards, traj.groups, traj.conditions, t.advantage_mode, self.tracker, clip=t.adv_clip_max
-                )
-            )
-        keep_pairs = keep[rollout.pair_trajectories()] if keep is not None else None
-        learning_rate = self.optimizer.param_groups[0]["lr"]
-        logged = self.update(rollout, keep_pairs)
-        self.lr_schedule.step()
-        self._update_ema()
-        rewards = traj.rewards
-        return PPOEpochStats(
-            epoch=epoch,
-            reward_mean=rewards.mean().item(),
-            reward_std=rewards.std().item() if rewards.numel() > 1 else 0.0,
-            start_steps=traj.starts.tolist(),
-            loss=logged["loss"],
-            approx_kl=logged["approx_kl"],
-            clipfrac=logged["clipfrac"],
-            first_ratio_max_dev=logged["first_ratio_max_dev"],
-            num_pairs=rollout.num_global_pairs,
-            learning_rate=learning_rate,
-            kl_to_reference=logged["kl_ref"],
-            micro_batch_size=self.micro_batch.size,
-            drift=drift_stats,
-        )
+    def __init__(
+        self,
+        policy: DiffusionPolicy,
+        optimizer: torch.optim.Optimizer,
+        train_config: TrainConfig,
+        generator: torch.Generator,
+        dist: Distributed | None = None,
+        reference: DiffusionPolicy | None = None,
+        micro_batch: MicroBatchSize | None = None,
+    ) -> None:
+        self.policy, self.optimizer, self.train_config, self.generator = policy, optimizer, train_config, generator
+        self.dist = dist if dist is not None else Distributed()
+        self.reference = reference
+        self.micro_batch = micro_batch if micro_batch is not None else MicroBatchSize(train_config.batch_size)
 
     def update(self, rollout: Rollout, keep_pairs: Tensor | None = None) -> dict[str, float]:
         """The PPO-IS update over ``rollout``; returns the means of the logged statistics.
@@ -202,7 +153,7 @@ class PPOIS(Algorithm):
         out of memory, the size halves and the chunk is recomputed from a zero gradient: the update is
         then exactly that of the smaller configured size.
         """
-        t = self.config.train
+        t = self.train_config
         params = list(self.policy.trainable_parameters())
         totals = _Sums(rollout.device)
         self.policy.train()
@@ -222,7 +173,7 @@ class PPOIS(Algorithm):
                 totals.add(part)
                 self._step(params, part.loss)
         self.policy.eval()
-        return totals.means(self.dist)
+        return {**totals.means(self.dist), "micro_batch_size": float(self.micro_batch.size)}
 
     def chunk_gradient(self, rollout: Rollout, mine: Tensor, chunk_size: int, micro_batch: int) -> _Sums:
         """Accumulate the gradient of the clipped PPO-IS loss over this process's pairs ``mine`` of a chunk.
@@ -231,7 +182,7 @@ class PPOIS(Algorithm):
         ``β · KL(π_θ ‖ π_ref)`` when a reference policy is kept; summed over the pairs and divided by
         the (global) ``chunk_size``. The pairs go through the UNet ``micro_batch`` at a time.
         """
-        t, policy, reference = self.config.train, self.policy, self.reference
+        t, policy, reference = self.train_config, self.policy, self.reference
         out = _Sums(rollout.device)
         for mb in rollout.minibatches(mine, micro_batch) if mine.numel() else []:
             step = policy.evaluate(mb.x, mb.k, mb.c if policy.conditional else None, mb.x_next, mb.cond_noise)
@@ -269,7 +220,7 @@ class PPOIS(Algorithm):
             chunk_loss = chunk_loss.reshape(1)
             self.dist.all_reduce_([chunk_loss, *(p.grad for p in params)])
             chunk_loss = chunk_loss[0]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.train_config.max_grad_norm)
         if not bool(torch.isfinite(chunk_loss) & torch.isfinite(grad_norm)):
             raise TrainingDivergedError(
                 f"the PPO-IS loss is {chunk_loss.item()} and the gradient norm {grad_norm.item()} (NaN/Inf): "
@@ -277,6 +228,84 @@ class PPOIS(Algorithm):
                 "Lower train.learning_rate or check the reward."
             )
         self.optimizer.step()
+
+
+class PPOIS(Algorithm):
+    """PPO-IS: the clipped importance-sampling update of DDPO on the denoising MDP."""
+
+    name = "ppo-is"
+    supports_distributed = True
+
+    def __init__(self, config: Config, run: RunContext) -> None:
+        super().__init__(config, run)
+        t, d = config.train, config.drift
+        self.policy, self.reference = _build_policies(config, run)
+        self.envs = make_env(config, self.policy, run.loaded, run.dist)
+        self.drift = DriftAdvantages(d.subset_fraction, d.diversity_coef, run.dist) if d.enabled else None
+        observers = self.drift.observers if self.drift is not None else []
+        self.collector = Collector(self.envs, self.policy, run.generator, run.dist, config.policy_noise, observers)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(),
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.weight_decay,
+            eps=t.adam_epsilon,
+        )
+        warmup = max(1, t.warmup_epochs)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: min(1.0, (e + 1) / warmup))
+        self.updater = ClippedUpdate(self.policy, self.optimizer, t, run.generator, run.dist, self.reference)
+        self.tracker = PerConditionStatTracker(t.stat_buffer_size, t.stat_min_count)
+        self.ema = copy.deepcopy(self.policy.unet).requires_grad_(False) if t.ema_decay > 0 else None
+
+    @classmethod
+    def check_world_size(cls, config: Config, dist: Distributed) -> None:
+        """``sample.num_envs`` must split evenly across the processes."""
+        n = config.sample.num_envs
+        if n % dist.world_size:
+            valid = [d for d in range(1, n + 1) if n % d == 0]
+            raise ConfigError(
+                f"sample.num_envs ({n}) must be divisible by the number of processes (WORLD_SIZE={dist.world_size}): "
+                f"each process collects num_envs / WORLD_SIZE episodes of every batch; valid process counts for "
+                f"num_envs={n}: {valid} (or change sample.num_envs)"
+            )
+
+    # ------------------------------------------------------------------------------------ the epoch
+    def train_epoch(self, epoch: int) -> PPOEpochStats:
+        """Collect, compute the advantages, update; one learning-rate schedule step."""
+        self.policy.eval()
+        rollout = self.collector.collect(self.config.sample.num_batches_per_epoch)
+        traj = rollout.trajectories()
+        t = self.config.train
+        keep, drift_stats = None, {}
+        if self.drift is not None:
+            keep, drift_stats = self.drift.set_advantages(rollout, traj, self.tracker, t.advantage_mode, t.adv_clip_max)
+        else:
+            rollout.set_advantages(
+                compute_advantages(
+                    traj.rewards, traj.groups, traj.conditions, t.advantage_mode, self.tracker, clip=t.adv_clip_max
+                )
+            )
+        keep_pairs = keep[rollout.pair_trajectories()] if keep is not None else None
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        logged = self.updater.update(rollout, keep_pairs)
+        self.lr_schedule.step()
+        self._update_ema()
+        rewards = traj.rewards
+        return PPOEpochStats(
+            epoch=epoch,
+            reward_mean=rewards.mean().item(),
+            reward_std=rewards.std().item() if rewards.numel() > 1 else 0.0,
+            start_steps=traj.starts.tolist(),
+            loss=logged["loss"],
+            approx_kl=logged["approx_kl"],
+            clipfrac=logged["clipfrac"],
+            first_ratio_max_dev=logged["first_ratio_max_dev"],
+            num_pairs=rollout.num_global_pairs,
+            learning_rate=learning_rate,
+            kl_to_reference=logged["kl_ref"],
+            micro_batch_size=self.updater.micro_batch.size,
+            drift=drift_stats,
+        )
 
     def _update_ema(self) -> None:
         if self.ema is None:
