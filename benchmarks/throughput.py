@@ -5,13 +5,13 @@ Measured paths (one function each):
 * ``naive_rollout`` — what a diffusers user writes: an eager fp32 loop of UNet call,
   ``DDIMScheduler.step(eta=1, variance_noise=z)`` and a separate log-prob computation (recomputing
   x̂0, σ and μ as ddpo-pytorch's ``ddim_step_with_logprob`` does), rewards after the loop.
-* ``our_rollout`` — the trainer's ``collect()`` over ``DiffusionDenoiseVectorEnv`` with a
-  ``DiffusionPolicy`` configured by a *variant* (bf16 autocast, channels_last, torch.compile, policy
-  noise on the device, gradient checkpointing).
+* ``our_rollout`` — the trainer's ``Collector`` driving the core of a ``DiffusionDenoiseVectorEnv``
+  with a ``DiffusionPolicy`` configured by a *variant* (bf16 autocast, channels_last, torch.compile,
+  policy noise on the device, gradient checkpointing).
 * ``naive_update`` — the PPO-IS update as ddpo-pytorch writes it: per denoising step, micro-batches
   of samples, eager fp32, the clipped loss of every (sample, step) pair from the separate log-prob.
-* ``our_update`` — the trainer's ``update()`` over the rollout buffer with the variant's policy.
-* ``our_epoch`` — one whole training epoch (``train()``, collect + advantages + update) at the
+* ``our_update`` — the trainer's ``ClippedUpdate`` over the rollout with the variant's policy.
+* ``our_epoch`` — one whole training epoch (``agents.ppo_is.train()``, collect + advantages + update) at the
   paper's HRF settings (``envs_configs/celebahq_hrf_compressibility.yaml``; on CPU the digits HRF
   config), from ``EpochStats.seconds`` (the evaluation before it is not counted).
 
@@ -26,8 +26,9 @@ step, reward, autoreset — is overhead); peak GPU memory of each path
 
 Variants are ``+``-joined tokens: ``fp32`` or ``bf16`` (autocast), ``cl`` (channels_last),
 ``compile`` or ``compile=<mode>``, ``devnoise`` (policy noise drawn on the device), ``ckpt``
-(gradient checkpointing), ``syncreward`` (the JPEG reward on the main thread at the end of each batch
-instead of the trainer's default, a background thread overlapping the next batch). Run::
+(gradient checkpointing), ``syncreward`` (the collector scores the JPEG reward on the main thread at
+the end of each batch, ``Collector(overlap_rewards=False)``, instead of the trainer's default: on a
+GPU, a background thread overlapping the next batch). Run::
 
     python benchmarks/throughput.py --device cuda                      # celebahq-256 architecture, random weights
     python benchmarks/throughput.py --device cpu --model embedded:digits
@@ -59,13 +60,15 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agents.common.buffer import RolloutBuffer  # noqa: E402
+from agents.common.collector import Collector  # noqa: E402
 from agents.common.micro_batch import MicroBatchSize  # noqa: E402
 from agents.common.policy import DiffusionPolicy  # noqa: E402
+from agents.common.rollout import Rollout  # noqa: E402
+from agents.ppo_is import train  # noqa: E402
+from agents.ppo_is.algorithm import ClippedUpdate  # noqa: E402
 from agents.ppo_is.config import load_config  # noqa: E402
-from agents.ppo_is.trainer import collect, train, update  # noqa: E402
 from diffusion_gym import sampling  # noqa: E402
-from diffusion_gym.envs import DiffusionDenoiseVectorEnv  # noqa: E402
+from diffusion_gym.envs import DenoiseCore, DiffusionDenoiseVectorEnv  # noqa: E402
 from diffusion_gym.models import LoadedModel, load_model  # noqa: E402
 from diffusion_gym.rewards import make_reward  # noqa: E402
 
@@ -93,7 +96,7 @@ class Variant:
     compile: str = "no"
     policy_noise: str = "cpu"
     gradient_checkpointing: bool = False
-    defer_rewards: bool = True
+    overlap_rewards: bool = True
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -111,7 +114,7 @@ class Variant:
             elif token == "ckpt":
                 options["gradient_checkpointing"] = True
             elif token == "syncreward":
-                options["defer_rewards"] = False
+                options["overlap_rewards"] = False
             else:
                 raise ValueError(
                     f"unknown variant token {token!r} in {text!r}; "
@@ -338,14 +341,15 @@ def naive_warm_up(loaded: LoadedModel, batch: int, micro_batch: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Our path (the trainer's functions)
+# Our path (the trainer's classes)
 # ------------------------------------------------------------------------------------------------
 
 
 def _our_env(
-    loaded: LoadedModel, policy: DiffusionPolicy, batch: int, num_steps: int, reward: str, defer_rewards: bool
-) -> Any:
-    envs = DiffusionDenoiseVectorEnv(
+    loaded: LoadedModel, policy: DiffusionPolicy, batch: int, num_steps: int, reward: str
+) -> DiffusionDenoiseVectorEnv:
+    """The trainers' env (as ``agents.common.collector.make_env`` builds it): a vector env over a core."""
+    core = DenoiseCore(
         num_envs=batch,
         model=loaded,
         reward=reward,
@@ -354,9 +358,8 @@ def _our_env(
         eta=1.0,
         denoiser=policy.denoiser(),
         device=loaded.unet.device,
-        check_actions=False,
-        defer_rewards=defer_rewards,
     )
+    envs = DiffusionDenoiseVectorEnv(core.num_envs, check_actions=False, core=core)
     envs.reset(seed=0)
     return envs
 
@@ -364,20 +367,20 @@ def _our_env(
 def our_rollout(
     variant: Variant, loaded: LoadedModel, batch: int, num_steps: int, reward: str, batches: int, repeats: int = 1
 ) -> dict[str, Any]:
-    """``collect()`` of ``batches`` batches after one untimed warm-up batch (compilation happens there).
+    """``Collector.collect()`` of ``batches`` batches after one untimed warm-up batch (compilation happens there).
 
     The timed collection runs ``repeats`` times; the fastest counts.
     """
     device = loaded.unet.device
     schedule = sampling.make_schedule(loaded.scheduler, num_steps, eta=1.0, device=device)
     policy = variant.policy(loaded.unet, schedule)
-    envs = _our_env(loaded, policy, batch, num_steps, reward, variant.defer_rewards)
+    envs = _our_env(loaded, policy, batch, num_steps, reward)
     generator = torch.Generator().manual_seed(0)
+    collector = Collector(envs, policy, generator, noise=variant.policy_noise, overlap_rewards=variant.overlap_rewards)
     sync(device)
     tic = time.perf_counter()
-    warm = RolloutBuffer(device)
-    collect(envs, policy, warm, 1, generator, variant.policy_noise)
-    _ = warm.rewards  # wait for deferred rewards
+    warm = collector.collect(1)
+    _ = warm.rewards  # wait for overlapped rewards
     sync(device)
     warmup = time.perf_counter() - tic
     best: dict[str, Any] = {}
@@ -385,11 +388,10 @@ def our_rollout(
     for _ in range(repeats):
         clock = Clock(device)
         policy.model_output = clock.wrap(model_output)  # the UNet call (autocast, layout, compiled forward)
-        buffer = RolloutBuffer(device)
         sync(device)
         tic = time.perf_counter()
-        collect(envs, policy, buffer, batches, generator, variant.policy_noise)
-        _ = buffer.rewards  # the rollout ends when its rewards are in (deferred ones included)
+        buffer = collector.collect(batches)
+        _ = buffer.rewards  # the rollout ends when its rewards are in (overlapped ones included)
         sync(device)
         seconds = time.perf_counter() - tic
         if not best or seconds < best["seconds"]:
@@ -398,10 +400,11 @@ def our_rollout(
     return {**best, "warmup_seconds": warmup, "policy": policy, "repeats": repeats}
 
 
-def _first_pairs(buffer: RolloutBuffer, max_pairs: int) -> RolloutBuffer:
-    """A buffer with the first ``max_pairs`` (sample, step) pairs of ``buffer``, advantages set."""
-    out = RolloutBuffer(buffer.device)
-    traj = out.start_batch(buffer.conditions, buffer.groups, buffer.start_steps)  # the same trajectory ids
+def _first_pairs(buffer: Rollout, max_pairs: int) -> Rollout:
+    """A rollout with the first ``max_pairs`` (sample, step) pairs of ``buffer``, advantages set."""
+    out = Rollout(buffer.layout, buffer.device)
+    outcomes = buffer.trajectories()
+    traj = out.start_batch(outcomes.conditions, outcomes.groups, outcomes.starts)  # the same trajectory ids
     left = max_pairs
     names = ("x", "x_next", "k", "c", "log_prob", "traj")
     for x, x_next, k, c, log_prob, ids in zip(*(buffer._steps[name] for name in names), strict=True):
@@ -426,7 +429,7 @@ def our_update(
     max_pairs: int,
     repeats: int = 1,
 ) -> dict[str, Any]:
-    """``update()`` over the rollout's pairs (a warm-up update of two micro-batches first, untimed).
+    """``ClippedUpdate.update()`` over the rollout's pairs (a warm-up update of two micro-batches first, untimed).
 
     The timed update runs ``repeats`` times; the fastest counts.
     """
@@ -447,16 +450,17 @@ def our_update(
     generator = torch.Generator().manual_seed(0)
     sync(device)
     tic = time.perf_counter()
-    update(policy, _first_pairs(rollout["buffer"], 2 * micro_batch), optimizer, config, generator)
+    ClippedUpdate(policy, optimizer, config.train, generator).update(_first_pairs(rollout["buffer"], 2 * micro_batch))
     sync(device)
     warmup = time.perf_counter() - tic
     pairs = _first_pairs(rollout["buffer"], max_pairs)
     times, first_dev = [], None
     micro = MicroBatchSize(micro_batch, "--micro-batch")  # what the trainer does: halve on out-of-memory
+    updater = ClippedUpdate(policy, optimizer, config.train, generator, micro_batch=micro)
     for _ in range(repeats):
         sync(device)
         tic = time.perf_counter()
-        logged = update(policy, pairs, optimizer, config, generator, micro_batch=micro)
+        logged = updater.update(pairs)
         sync(device)
         times.append(time.perf_counter() - tic)
         first_dev = logged["first_ratio_max_dev"] if first_dev is None else first_dev
@@ -470,7 +474,7 @@ def our_update(
 
 
 def our_epoch(variant: Variant, config_path: Path, model: str, device: str, epochs: int) -> dict[str, Any]:
-    """``train()`` for ``epochs`` epochs at a shipped config's settings; each epoch's seconds."""
+    """``agents.ppo_is.train()`` for ``epochs`` epochs at a shipped config's settings; each epoch's seconds."""
     overrides = [f"model={model}", f"device={device}", "eval.num_samples=8", f"num_epochs={epochs}"]
     config = load_config(config_path, overrides + variant.overrides())
     with tempfile.TemporaryDirectory() as run_dir:
@@ -533,8 +537,8 @@ def table(rows: list[dict[str, Any]], peak_tflops: float | None) -> str:
         lines += [
             "",
             f"Host reward of one batch (the naive path's, after its loop): {naive['reward_seconds']:.3f} s, "
-            f"{naive['reward_seconds'] / naive['seconds']:.1%} of its rollout. Our rollouts score it on a "
-            "background thread while the next batch runs (`syncreward`: on the main thread, as before).",
+            f"{naive['reward_seconds'] / naive['seconds']:.1%} of its rollout. On a GPU our rollouts score it on a "
+            "background thread while the next batch runs (`syncreward`: on the main thread, as on a CPU).",
         ]
     return "\n".join(lines)
 
@@ -651,7 +655,7 @@ def parse_args() -> argparse.Namespace:
         "--batches",
         type=int,
         default=2,
-        help="timed rollout batches per variant (>= 2: deferred rewards overlap with the next batch)",
+        help="timed rollout batches per variant (>= 2: overlapped rewards run alongside the next batch)",
     )
     add(
         "--repeats",

@@ -1,43 +1,103 @@
-"""Rewards scored in the background (``defer_rewards``): same numbers, no waiting, errors surface."""
+"""Terminal rewards overlapped with the next batch (the collector's ``reward_async``): same numbers, no
+waiting, a snapshot of the images, errors surfacing when the rewards are read.
+
+The env itself scores every reward at the step it is earned; the overlap lives in the agent's
+:class:`~agents.common.collector.Collector`, which drives the env's core with ``score=False`` and
+hands the final images to :func:`diffusion_gym.rewards.reward_async`. A host reward (JPEG) of CUDA
+images goes to a background thread; on a CPU env the reward runs at once on the calling thread, so the
+CPU tests force the thread on (``background=True``) to exercise what a GPU run does.
+"""
 
 from __future__ import annotations
 
 import functools
 import threading
+from concurrent.futures import Future
 
-import numpy as np
 import pytest
 import torch
 
-from agents.common.buffer import RolloutBuffer
+from agents.common import collector as collector_module
+from agents.common.collector import Collector, policy_noise_sampler
 from agents.common.policy import DiffusionPolicy
-from agents.ppo_is.trainer import collect
+from agents.common.rollout import Rollout, Trajectories
 from diffusion_gym import sampling
-from diffusion_gym.envs import DiffusionDenoiseVectorEnv, PendingRewards, denoise
-from diffusion_gym.rewards import host_reward, jpeg_size_kb, make_reward, reward_async, runs_on_host
+from diffusion_gym.envs import DiffusionDenoiseVectorEnv, Shard
+from diffusion_gym.rewards import host_reward, make_reward, reward_async, runs_on_host
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 6
+NUM_ENVS = 4
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HRF_D = {"window": "hrf-d", "probe_size": 2}
 
 
-def _env(model, defer: bool, reward="jpeg_compressibility", num_envs: int = 8, **kwargs) -> DiffusionDenoiseVectorEnv:
-    return DiffusionDenoiseVectorEnv(
-        num_envs=num_envs, model=model, num_steps=K, reward=reward, defer_rewards=defer, **kwargs
+def _envs(model, reward="jpeg_compressibility", device: str = "cpu", **kwargs) -> DiffusionDenoiseVectorEnv:
+    envs = DiffusionDenoiseVectorEnv(
+        num_envs=NUM_ENVS, model=model, num_steps=K, reward=reward, device=device, check_actions=False, **kwargs
     )
+    envs.reset(seed=0)
+    return envs
 
 
-def _run_to_end(envs, seed: int = 0, steps: int = K):
-    """Step ``envs`` with seeded random actions; return every step's (rewards, terminated, info)."""
-    envs.reset(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(steps):
-        actions = torch.randn((envs.num_envs, 1, 16, 16), generator=g).clamp(-1, 1)
-        _, rewards, terminated, _, info = envs.step(actions)
-        out.append((rewards, terminated, info))
-    return out
+def _policy(model, device: str = "cpu") -> DiffusionPolicy:
+    return DiffusionPolicy(model.unet, sampling.make_schedule(model.scheduler, K, eta=1.0, device=device))
+
+
+def _collect(model, num_batches: int = 1, overlap: bool = True, device: str = "cpu", **env_kwargs) -> Rollout:
+    envs = _envs(model, device=device, **env_kwargs)
+    generator = torch.Generator().manual_seed(0)
+    return Collector(envs, _policy(model, device), generator, overlap_rewards=overlap).collect(num_batches)
+
+
+def _force_background(monkeypatch, background: bool | None) -> None:
+    """What the collector's ``reward_async`` does with a host reward: ``True`` is what a GPU run does."""
+    monkeypatch.setattr(collector_module, "reward_async", functools.partial(reward_async, background=background))
+
+
+@torch.no_grad()
+def _env_loop(model, num_batches: int, device: str = "cpu", **env_kwargs) -> tuple[Trajectories, torch.Tensor]:
+    """The collector's episodes through the plain vector env ``step()`` (which scores synchronously).
+
+    The same policy and policy noise as the collector's; returns the batches' outcomes and the actions
+    of the stochastic steps (the collector's stored ``x_next``).
+    """
+    envs = _envs(model, device=device, **env_kwargs)
+    policy = _policy(model, device)
+    draw = policy_noise_sampler(envs.core, torch.Generator().manual_seed(0))
+    deterministic = policy.schedule.deterministic.cpu()
+    obs, info = envs.observation()
+    rewards, groups, conditions, starts, actions = [], [], [], [], []
+    for _ in range(num_batches):
+        starts.append(info["start_step"])
+        groups.append(info["group"])
+        conditions.append(obs["c"])
+        done = torch.zeros(NUM_ENVS, dtype=torch.bool)
+        while not bool(done.all()):
+            k = info["step_index"]
+            step = policy.act(obs["x_t"], k, obs["c"] if policy.conditional else None, noise=draw())
+            if not deterministic[int(k[0])]:
+                actions.append(step.x_prev)
+            obs, reward, done, _, info = envs.step(step.x_prev)
+            assert bool(done.all()) or not bool(done.any()), "a shared-start batch ends together"
+        rewards.append(reward)
+    cat = torch.cat
+    return Trajectories(cat(rewards), cat(groups), cat(conditions), cat(starts)), cat(actions)
+
+
+def _assert_same_rollouts(a: Rollout, b: Rollout) -> None:
+    for name, x, y in zip(Trajectories._fields, a.trajectories(), b.trajectories(), strict=True):
+        assert torch.equal(x, y), name
+    for name, value in a._consolidate().items():
+        assert torch.equal(value, b._consolidate()[name]), name
+
+
+def _assert_matches_env_loop(rollout: Rollout, loop: tuple[Trajectories, torch.Tensor]) -> None:
+    expected, actions = loop
+    for name, x, y in zip(Trajectories._fields, rollout.trajectories(), expected, strict=True):
+        assert torch.equal(x.cpu(), y.cpu()), name
+    assert torch.equal(rollout._consolidate()["x_next"].cpu(), actions.cpu())
 
 
 def test_jpeg_rewards_are_host_rewards_and_others_are_not():
@@ -48,88 +108,95 @@ def test_jpeg_rewards_are_host_rewards_and_others_are_not():
     assert runs_on_host(marked)  # seen through the CheckedReward wrapper
 
 
-def test_deferred_rewards_equal_the_synchronous_ones(model):
-    plain, deferred = _env(model, False), _env(model, True)
-    for (r, done, info), (r_d, done_d, info_d) in zip(_run_to_end(plain), _run_to_end(deferred), strict=True):
-        assert torch.equal(done, done_d)
-        if not bool(done.any()):
-            assert torch.equal(r, r_d) and "pending_reward" not in info_d
-            continue
-        assert bool(torch.isnan(r_d).all()), "ended envs' rewards are NaN until resolved"
-        assert "raw_reward" in info and "raw_reward" not in info_d
-        pending = info_d["pending_reward"]
-        assert isinstance(pending, PendingRewards)
-        assert torch.equal(pending.result(), r) and pending.done()
-        assert torch.equal(info["raw_reward"], pending.result())
-        assert info_d["final_info"]["pending_reward"] is pending
-    # the images scored are the final ones, not the autoreset episodes' first observations
-    assert torch.equal(r, jpeg_size_kb(sampling.to_unit_range(info["final_obs"]["x_t"])).neg())
+@pytest.mark.parametrize(
+    "num_batches,env_kwargs", [(2, {"window": "full"}), (3, HRF_D)], ids=["full-2-batches", "hrf-d-3-batches"]
+)
+def test_overlapped_rewards_equal_the_env_loops_bit_for_bit(model, monkeypatch, num_batches, env_kwargs):
+    """The collector's rollout, its rewards scored at once, overlapped (default) or on the background
+    thread, is the env loop's: same rewards, starts, groups, conditions and actions. With HRF-D the
+    probes score rewards between batches too, while the background thread scores the last batch."""
+    loop = _env_loop(model, num_batches, **env_kwargs)
+    assert loop[0].rewards.numel() == NUM_ENVS * num_batches
+    synchronous = _collect(model, num_batches, overlap=False, **env_kwargs)
+    assert not any(isinstance(r, Future) for r in synchronous._rewards)
+    _assert_matches_env_loop(synchronous, loop)
+    for background in (None, True):
+        _force_background(monkeypatch, background)
+        overlapped = _collect(model, num_batches, **env_kwargs)
+        assert all(isinstance(r, Future) for r in overlapped._rewards)
+        _assert_matches_env_loop(overlapped, loop)
+        _assert_same_rollouts(overlapped, synchronous)
+    assert bool(torch.isfinite(loop[0].rewards).all())
 
 
-def test_deferred_rewards_of_some_envs_are_scattered_to_their_positions(model):
-    """Per-sample starts end envs at different steps: the pending result has zeros elsewhere."""
-    kw = {"window": [(1, 4)], "start_mode": "per_sample", "num_envs": 8}
-    partial = 0
-    for (r, done, _), (r_d, _, info_d) in zip(
-        _run_to_end(_env(model, False, **kw), steps=2 * K),
-        _run_to_end(_env(model, True, **kw), steps=2 * K),
-        strict=True,
-    ):
-        if bool(done.any()):
-            result = info_d["pending_reward"].result()
-            assert torch.equal(result, r) and bool((result[~done] == 0).all())
-            assert bool(torch.isnan(r_d[done]).all()) and bool((r_d[~done] == 0).all())
-            partial += int(not bool(done.all()))
-    assert partial > 0, "the test needs steps where only some envs end"
-
-
-def test_a_host_reward_runs_in_the_background_and_the_step_does_not_wait(model, monkeypatch):
-    # what a GPU env does (on a CPU env the reward is scored at once, see the next test)
-    monkeypatch.setattr(denoise, "reward_async", functools.partial(reward_async, background=True))
-    release, seen = threading.Event(), []
-
+def _blocked_reward(release: threading.Event, threads: list[str]):
     @host_reward
-    def slow_reward(images, conditions):
-        seen.append(threading.current_thread().name)
+    def blocked(images, conditions):
+        threads.append(threading.current_thread().name)
         assert release.wait(timeout=30), "the test never released the reward"
-        return images.mean((1, 2, 3))
+        return images.mean((1, 2, 3)) + conditions.float()
 
-    envs = _env(model, True, reward=slow_reward)
-    steps = _run_to_end(envs)  # returns although the reward is blocked
-    pending = steps[-1][2]["pending_reward"]
-    assert not pending.done()
-    envs.step(torch.zeros((8, 1, 16, 16)))  # the next episodes go on meanwhile
-    release.set()
-    final = sampling.to_unit_range(steps[-1][2]["final_obs"]["x_t"]).mean((1, 2, 3))
-    torch.testing.assert_close(pending.result(), final, rtol=0, atol=1e-6)
-    assert seen and seen[0].startswith("diffusion_gym-reward")
+    return blocked
 
 
-def test_on_a_cpu_env_a_host_reward_is_scored_at_once_on_the_calling_thread(model):
+def _unblocked(images, conditions):
+    return images.mean((1, 2, 3)) + conditions.float()
+
+
+def test_a_blocked_host_reward_does_not_block_the_next_batch(model, monkeypatch):
+    _force_background(monkeypatch, True)  # what a GPU run does with a host reward
+    release, threads = threading.Event(), []
+    try:
+        rollout = _collect(model, 2, reward=_blocked_reward(release, threads))  # returns: batch 2 ran meanwhile
+        futures = list(rollout._rewards)
+        assert not release.is_set() and not any(future.done() for future in futures)
+        assert rollout.num_trajectories == 2 * NUM_ENVS and len(rollout) > 0
+    finally:
+        timer = threading.Timer(0.1, release.set)
+        timer.start()
+    rewards = rollout.rewards  # waits for the scores
+    assert release.is_set() and all(future.done() for future in futures)
+    timer.join()
+    assert torch.equal(rewards, _collect(model, 2, overlap=False, reward=_unblocked).rewards)
+    assert len(threads) == 2 and all(name.startswith("diffusion_gym-reward") for name in threads)
+
+
+def test_the_images_scored_are_a_snapshot(model, monkeypatch):
+    """The next batch overwrites the core's images and conditions in place; the scores are the last batch's."""
+    _force_background(monkeypatch, True)
+    release = threading.Event()
+    envs = _envs(model, reward=_blocked_reward(release, []))
+    try:
+        rollout = Collector(envs, _policy(model), torch.Generator().manual_seed(0)).collect(1)
+        envs.core.x.add_(1.0)  # and the caller scribbles over the core's tensors too
+        envs.core.c.add_(1)
+    finally:
+        release.set()
+    assert torch.equal(rollout.rewards, _collect(model, 1, overlap=False, reward=_unblocked).rewards)
+
+
+@pytest.mark.parametrize("background", [None, True], ids=["default", "background"])
+def test_reward_errors_surface_when_the_rewards_are_read(model, monkeypatch, background):
+    _force_background(monkeypatch, background)
+    bad = host_reward(lambda images, c: torch.full((images.shape[0],), float("nan")))
+    rollout = _collect(model, 1, reward=bad)  # collection itself goes through
+    with pytest.raises(ValueError, match="non-finite values"):
+        _ = rollout.rewards
+    with pytest.raises(ValueError, match="non-finite values"):
+        rollout.trajectories()
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host-reward", "device-reward"])
+def test_on_a_cpu_env_the_reward_runs_on_the_calling_thread(model, host):
     seen = []
 
-    @host_reward
-    def recording_reward(images, conditions):
+    def recording(images, conditions):
         seen.append(threading.current_thread())
         return images.mean((1, 2, 3))
 
-    pending = _run_to_end(_env(model, True, reward=recording_reward))[-1][2]["pending_reward"]
-    assert pending.done() and seen == [threading.main_thread()]
-
-
-def test_a_device_reward_is_computed_at_once(model):
-    envs = _env(model, True, reward="digit_confidence")
-    pending = _run_to_end(envs)[-1][2]["pending_reward"]
-    assert pending.done()
-    plain = _run_to_end(_env(model, False, reward="digit_confidence"))[-1][0]
-    assert torch.equal(pending.result(), plain)
-
-
-def test_reward_errors_surface_when_the_rewards_are_read(model):
-    bad = host_reward(lambda images, c: torch.full((images.shape[0],), float("nan")))
-    pending = _run_to_end(_env(model, True, reward=bad))[-1][2]["pending_reward"]
-    with pytest.raises(ValueError, match="non-finite values"):
-        pending.result()
+    rollout = _collect(model, 2, reward=host_reward(recording) if host else recording)
+    assert seen == [threading.main_thread()] * 2  # scored during collect, before anything is read
+    assert all(future.done() for future in rollout._rewards)
 
 
 def test_reward_async_scores_a_snapshot_of_the_images():
@@ -149,45 +216,24 @@ def test_reward_async_scores_a_snapshot_of_the_images():
     assert torch.equal(future.result(), expected)
 
 
-def test_defer_rewards_must_be_a_bool(model):
-    with pytest.raises(TypeError, match="defer_rewards must be a bool"):
-        DiffusionDenoiseVectorEnv(num_envs=2, model=model, num_steps=K, defer_rewards="yes")
+@pytest.mark.parametrize("value", [True, False])
+def test_the_vector_env_no_longer_defers_rewards(model, value):
+    with pytest.raises(TypeError, match=r"no longer takes defer_rewards=:.*reward_async.*Collector"):
+        DiffusionDenoiseVectorEnv(num_envs=2, model=model, num_steps=K, defer_rewards=value)
 
 
-def _collect(model, defer: bool, device: str = "cpu") -> RolloutBuffer:
-    schedule = sampling.make_schedule(model.scheduler, K, eta=1.0, device=device)
-    policy = DiffusionPolicy(model.unet, schedule)
-    envs = DiffusionDenoiseVectorEnv(
-        num_envs=4, model=model, num_steps=K, window="hrf-d", probe_size=2, device=device, defer_rewards=defer
-    )
-    envs.reset(seed=0)
-    buffer = RolloutBuffer(device)
-    collect(envs, policy, buffer, 3, torch.Generator().manual_seed(0))
-    return buffer
-
-
-def _assert_same_rollouts(a: RolloutBuffer, b: RolloutBuffer) -> None:
-    assert torch.equal(a.rewards, b.rewards) and a.rewards.numel() == 12
-    for name in ("groups", "conditions", "start_steps"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for name, value in a._consolidate().items():
-        assert torch.equal(value, b._consolidate()[name]), name
-
-
-@pytest.mark.parametrize("background", [None, True], ids=["default", "background"])
-def test_collect_with_deferred_rewards_gives_the_same_epoch(model, monkeypatch, background):
-    """The trainer's rollout (HRF-D: probes score rewards between batches too) is unchanged."""
-    monkeypatch.setattr(denoise, "reward_async", functools.partial(reward_async, background=background))
-    deferred = _collect(model, True)
-    assert deferred._pending, "the rewards are still pending after collect"
-    _assert_same_rollouts(_collect(model, False), deferred)
-    assert not deferred._pending
-    assert np.isfinite(deferred.rewards.numpy()).all()
+def test_the_vector_env_no_longer_takes_a_shard(model):
+    with pytest.raises(TypeError, match=r"no longer takes shard=:.*DenoiseCore\(.*core=core"):
+        DiffusionDenoiseVectorEnv(num_envs=2, model=model, num_steps=K, shard=Shard(0, 2, id))
 
 
 @CUDA
-def test_gpu_collect_with_deferred_rewards_gives_the_same_epoch():
+def test_gpu_overlapped_rewards_give_the_same_epoch():
+    """On a GPU the JPEG reward of each batch runs on the background thread while the next batch runs."""
     from diffusion_gym.models import load_model
 
     loaded = load_model("embedded:digits", device="cuda")
-    _assert_same_rollouts(_collect(loaded, False, "cuda"), _collect(loaded, True, "cuda"))
+    overlapped = _collect(loaded, 3, device="cuda", **HRF_D)  # JPEG, a host reward of CUDA images: the thread
+    synchronous = _collect(loaded, 3, overlap=False, device="cuda", **HRF_D)
+    _assert_same_rollouts(overlapped, synchronous)
+    _assert_matches_env_loop(overlapped, _env_loop(loaded, 3, device="cuda", **HRF_D))

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 
 import diffusion_gym  # noqa: F401  (registers DiffusionDenoise-v0)
 from diffusion_gym import sampling
-from diffusion_gym.envs import DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv
+from diffusion_gym.envs import DenoiseCore, DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv
 from diffusion_gym.models import load_model
 from diffusion_gym.rewards import jpeg_size_kb
 from diffusion_gym.windows import WindowWrapper
@@ -286,8 +286,11 @@ def test_sharded_envs_hold_blocks_of_the_unsharded_batch(model, window, referenc
         references=references,
         probe_size=3,  # split 2 + 1
         samples_per_reference=3,  # the middle group straddles the shards
-        check_actions=False,
     )
+
+    def sharded(rank):  # a sharded core, wrapped by the vector env
+        core = DenoiseCore(num_envs=4, shard=Shard(rank, 2, gather.for_rank(rank)), **kwargs)
+        return DiffusionDenoiseVectorEnv(core.num_envs, check_actions=False, core=core)
 
     def run(env):
         obs, info = env.reset(seed=3)
@@ -298,9 +301,9 @@ def test_sharded_envs_hold_blocks_of_the_unsharded_batch(model, window, referenc
             seen.append((obs, info))
         return seen, env.state_dict()
 
-    whole = DiffusionDenoiseVectorEnv(num_envs=8, **kwargs)
+    whole = DiffusionDenoiseVectorEnv(num_envs=8, check_actions=False, **kwargs)
     gather = _ThreadGather(2)
-    shards = [DiffusionDenoiseVectorEnv(num_envs=4, shard=Shard(r, 2, gather.for_rank(r)), **kwargs) for r in (0, 1)]
+    shards = [sharded(r) for r in (0, 1)]
     seen, expected = run(whole)
     for r, (part, state) in enumerate(_in_threads([lambda e=e: run(e) for e in shards])):
         block = slice(4 * r, 4 * r + 4)
@@ -312,7 +315,7 @@ def test_sharded_envs_hold_blocks_of_the_unsharded_batch(model, window, referenc
             # (model references are denoised in smaller batches: the UNet's float rounding may differ)
             assert torch.allclose(state["core"]["episodes"][name].float(), value.float(), atol=1e-5), name
         assert state["core"]["window"] == expected["core"]["window"] and state["np_random"] == expected["np_random"]
-    resharded = DiffusionDenoiseVectorEnv(num_envs=4, shard=Shard(1, 2, gather.for_rank(1)), **kwargs)
+    resharded = sharded(1)
     resharded.load_state_dict(expected)
     assert torch.equal(resharded.observation()[0]["x_t"], whole.observation()[0]["x_t"][4:])
     if window == "hrf-d":
@@ -325,9 +328,19 @@ def test_shard_needs_shared_starts_and_whole_batches(model):
     from diffusion_gym.envs import Shard
 
     with pytest.raises(ValueError, match="start_mode='shared'"):
-        DiffusionDenoiseVectorEnv(num_envs=2, model=model, num_steps=K, start_mode="per_sample", shard=Shard(0, 2, id))
+        DenoiseCore(num_envs=2, model=model, num_steps=K, start_mode="per_sample", shard=Shard(0, 2, id))
     with pytest.raises(ValueError, match=r"shard rank must be an int in \[0, 1\], got 2"):
         Shard(2, 2, id)
-    env = DiffusionDenoiseVectorEnv(num_envs=2, model=model, num_steps=K, shard=Shard(0, 2, id))
+    core = DenoiseCore(num_envs=2, model=model, num_steps=K, shard=Shard(0, 2, id))
     with pytest.raises(ValueError, match="whole batches only: got 1 of 2"):
-        env.core.begin(np.random.default_rng(0), indices=np.array([0]))
+        core.begin(np.random.default_rng(0), indices=np.array([0]))
+
+
+def test_a_wrapped_core_needs_its_own_size_and_no_other_env_arguments(model):
+    core = DenoiseCore(num_envs=2, model=model, num_steps=K)
+    with pytest.raises(ValueError, match=r"pass num_envs=2 \(its size\).*got num_envs=3"):
+        DiffusionDenoiseVectorEnv(3, core=core)
+    with pytest.raises(ValueError, match=r"no other env arguments.*\['num_steps'\]"):
+        DiffusionDenoiseVectorEnv(2, core=core, num_steps=K)
+    envs = DiffusionDenoiseVectorEnv(core.num_envs, core=core)
+    assert envs.core is core and envs.num_envs == 2

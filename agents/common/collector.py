@@ -38,7 +38,9 @@ __all__ = ["BatchObserver", "Collector", "make_env", "policy_noise_sampler"]
 NOISE_SOURCES = ("cpu", "device")
 
 
-def make_env(config: Any, policy: DiffusionPolicy, loaded: Any, dist: Distributed | None = None) -> DiffusionDenoiseVectorEnv:
+def make_env(
+    config: Any, policy: DiffusionPolicy, loaded: Any, dist: Distributed | None = None
+) -> DiffusionDenoiseVectorEnv:
     """The trainers' vector env from a run config's ``sample`` and ``env`` sections.
 
     Under ``torchrun`` the env's core holds this process's ``num_envs / world_size`` episodes of
@@ -140,6 +142,10 @@ class Collector:
         dist: this process's place in the job.
         noise: where the policy noise is drawn (:func:`policy_noise_sampler`).
         observers: plug-ins that watch each batch.
+        overlap_rewards: start each batch's terminal reward with
+            :func:`~diffusion_gym.rewards.reward_async` (a host reward of CUDA images is scored on a
+            background thread while the next batch runs); ``False`` scores it at once on this thread
+            (``core.reward_fn``), e.g. to measure what the overlap saves. The rewards are the same.
     """
 
     def __init__(
@@ -150,10 +156,12 @@ class Collector:
         dist: Distributed | None = None,
         noise: str = "cpu",
         observers: Sequence[BatchObserver] = (),
+        overlap_rewards: bool = True,
     ) -> None:
         self.envs, self.core, self.policy, self.generator = envs, envs.core, policy, generator
         self.dist = dist if dist is not None else Distributed()
         self.noise, self.observers = noise, list(observers)
+        self.overlap_rewards = overlap_rewards
         self.layout = RolloutLayout(self.core.num_envs, self.dist.world_size, self.dist.rank)
         self._cond_dim = condition_embedding_dim(policy) if policy.condition_noise is not None else 0
 
@@ -186,7 +194,11 @@ class Collector:
                         observer.stored_step(step.x0)
                 core.advance(step.x_prev, score=False)
             images = sampling.to_unit_range(core.x)
-            rollout.end_batch(reward_async(core.reward_fn, images, core.condition_input(core.c)))
+            conditions = core.condition_input(core.c)
+            if self.overlap_rewards:
+                rollout.end_batch(reward_async(core.reward_fn, images, conditions))
+            else:
+                rollout.end_batch(core.reward_fn(images, conditions))
             for observer in self.observers:
                 observer.end_batch(step.x_prev if step is not None else core.x)
             core.begin(self.envs.np_random)  # the next batch (the vector env's autoreset)
