@@ -258,16 +258,17 @@ def injection_study(
     num_classes = getattr(finetuned.unet.config, "num_class_embeds", None)
     c = None if num_classes is None else (torch.arange(num_samples) % num_classes).to(device)
     noise = torch.randn((num_steps, num_samples, *shape), generator=torch.Generator().manual_seed(seed + 1))
-    nets = {"finetuned": sampling.unet_denoiser(finetuned.unet), "base": sampling.unet_denoiser(base.unet)}
+    shared_noise = sampling.PrecomputedNoise(noise)
+    finetuned_net, base_net = sampling.unet_denoiser(finetuned.unet), sampling.unet_denoiser(base.unet)
 
     def chain(switch: int) -> tuple[Tensor, list[Tensor]]:
-        x, x0s = x_start, []
-        for k in range(num_steps):
-            net = nets["finetuned"] if k < switch else nets["base"]
-            t = sampling.timestep_at(k, schedule).to(device).expand(num_samples)
-            step = sampling.denoise_step(net(x, t, c), x, k, schedule, noise=noise[k].to(device))
+        x0s: list[Tensor] = []
+
+        def record(k: int, step: sampling.StepOutput) -> None:
             x0s.append(step.x0)
-            x = step.x_prev
+
+        x = sampling.denoise_chain(finetuned_net, x_start, schedule, c, stop=switch, noise=shared_noise, on_step=record)
+        x = sampling.denoise_chain(base_net, x, schedule, c, start=switch, noise=shared_noise, on_step=record)
         return x, x0s
 
     ref_final, ref_x0 = chain(num_steps)

@@ -27,6 +27,11 @@ epsilon is ever added to σ.
 
 Computations run in float32 (float64 if the inputs are float64), whatever the input dtype, so a
 bf16 UNet output still gets fp32 policy math.
+
+Whole chains run through one loop, :func:`denoise_chain`; what differs between its callers is where
+each step's policy noise comes from (a :class:`NoiseSource`: :class:`GeneratorNoise`,
+:class:`GlobalBatchNoise` for one process's rows of a shared batch, :class:`PrecomputedNoise`, or
+none for a deterministic chain). :func:`run_chain` and :func:`generate` are its two common uses.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -427,7 +432,156 @@ def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
     return denoise
 
 
+class NoiseSource(Protocol):
+    """Where the policy noise of a chain's steps comes from (see :func:`denoise_chain`).
+
+    ``noise(k, x)`` returns the standard-normal ``z`` of the action ``μ + σ·z`` at step index ``k``
+    for the batch ``x`` (same shape as ``x``, any device: the chain moves it to ``x``'s). It is called
+    once per step, in step order, so the sources below keep their RNG streams in a fixed order.
+    """
+
+    def __call__(self, k: int, x: Tensor) -> Tensor:
+        """The noise ``z`` of step index ``k`` for the batch ``x``."""
+        ...
+
+
+class GeneratorNoise:
+    """Policy noise drawn from ``generator`` on *its* device, one ``x``-shaped draw per step.
+
+    A CPU generator gives the same images on every device. ``None`` draws from torch's global RNG
+    on ``x``'s device. The draw's dtype is the policy's compute dtype (float32, float64 for float64
+    images).
+
+    Args:
+        generator: the RNG, or ``None`` for the global one.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __call__(self, k: int, x: Tensor) -> Tensor:
+        """A fresh draw shaped like ``x`` (``k`` is not used: draws follow the call order)."""
+        where = self.generator.device if self.generator is not None else x.device
+        return torch.randn(x.shape, generator=self.generator, device=where, dtype=_compute_dtype(x))
+
+
+class GlobalBatchNoise:
+    """One process's rows of the policy noise of a batch that several processes denoise together.
+
+    Each step draws the noise of the whole ``batch_size``-row batch from ``generator`` (as
+    :class:`GeneratorNoise` would for that batch) and keeps ``rows``, so that processes sharing the
+    generator's state denoise their rows exactly as one process would denoise the whole batch.
+
+    Args:
+        generator: the RNG every process holds in the same state.
+        batch_size: rows of the global batch.
+        rows: this process's rows of it.
+    """
+
+    def __init__(self, generator: torch.Generator, batch_size: int, rows: slice) -> None:
+        self.generator = generator
+        self.batch_size = batch_size
+        self.rows = rows
+
+    def __call__(self, k: int, x: Tensor) -> Tensor:
+        """The global draw's ``rows`` (``x`` holds them; it may have none)."""
+        shape = (self.batch_size, *x.shape[1:])
+        z = torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=_compute_dtype(x))
+        return z[self.rows]
+
+
+class PrecomputedNoise:
+    """Policy noise drawn in advance: step index ``k`` uses ``noise[k]``.
+
+    Chains that must share their noise step by step (e.g. chains that switch models mid-way) read
+    it from one tensor.
+
+    Args:
+        noise: ``(K, B, C, H, W)`` standard-normal draws, one batch per step index.
+    """
+
+    def __init__(self, noise: Tensor) -> None:
+        self.noise = noise
+
+    def __call__(self, k: int, x: Tensor) -> Tensor:
+        """``noise[k]``."""
+        return self.noise[k]
+
+
+StepCallback = Callable[[int, StepOutput], None]
+"""``on_step(k, step)``: called after each step of a chain with the step index and its :class:`StepOutput`."""
+
+
+def _chain_range(schedule: DenoisingSchedule, start: int, stop: int | None, noise: NoiseSource | None) -> int:
+    """Check a chain's step range (and that a stochastic one has a noise source); return ``stop``."""
+    stop = schedule.num_steps if stop is None else stop
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= schedule.num_steps):
+        raise ValueError(
+            f"a chain needs int step indices 0 <= start <= stop <= {schedule.num_steps}, got start={start!r}, "
+            f"stop={stop!r}"
+        )
+    if noise is None and not bool(schedule.deterministic[start:stop].all()):
+        stochastic = [start + i for i, d in enumerate(schedule.deterministic[start:stop].tolist()) if not d]
+        raise ValueError(
+            f"noise=None makes a deterministic chain, but the steps {stochastic} of this schedule "
+            f"(eta={schedule.eta}) are stochastic: pass a noise source (e.g. GeneratorNoise(generator)) or use eta=0"
+        )
+    return stop
+
+
 @torch.no_grad()
+def denoise_chain(
+    denoiser: Denoiser,
+    x: Tensor,
+    schedule: DenoisingSchedule,
+    condition: Tensor | None = None,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    noise: NoiseSource | None = None,
+    on_step: StepCallback | None = None,
+) -> Tensor:
+    """Run the policy from step index ``start`` through ``stop - 1``: the one denoising loop of the library.
+
+    Each step calls ``denoiser`` at ``(x, t_k, condition)``, then takes ``noise(k, x)`` and makes the
+    step ``x ← μ + σ_k·z`` (:func:`denoise_step`). A batch with no rows calls no denoiser but still
+    draws each step's noise, so that processes that share a noise stream stay in step. Runs without
+    gradients.
+
+    Args:
+        denoiser: the network, see :data:`Denoiser`.
+        x: images at step index ``start`` (pure noise for ``start = 0``).
+        schedule: from :func:`make_schedule`.
+        condition: conditions passed to the denoiser.
+        start: first step index.
+        stop: one past the last step index (default: the end of the chain).
+        noise: where each step's policy noise comes from: :class:`GeneratorNoise`,
+            :class:`GlobalBatchNoise`, :class:`PrecomputedNoise` or any :class:`NoiseSource`; ``None``
+            for a deterministic chain (every step in the range has σ = 0, e.g. DDIM with ``eta = 0``).
+        on_step: called with ``(k, StepOutput)`` after every step (e.g. to record the x̂0 predictions).
+
+    Returns:
+        The images after the last step, in ``x``'s dtype.
+
+    Raises:
+        ValueError: for a bad step range, or ``noise=None`` with a stochastic step in the range.
+    """
+    stop = _chain_range(schedule, start, stop, noise)
+    for k in range(start, stop):
+        if x.shape[0] == 0:
+            if noise is not None:
+                noise(k, x)
+            continue
+        t = timestep_at(k, schedule).to(x.device).expand(x.shape[0])
+        output = denoiser(x, t, condition)
+        z = torch.zeros_like(x) if noise is None else noise(k, x).to(x.device)
+        step = denoise_step(output, x, k, schedule, noise=z)
+        if on_step is not None:
+            on_step(k, step)
+        x = step.x_prev
+    return x
+
+
 def run_chain(
     denoiser: Denoiser,
     x: Tensor,
@@ -439,7 +593,9 @@ def run_chain(
 ) -> Tensor:
     """Denoise ``x`` from step index ``start`` through ``stop - 1`` (default: to the end) with the policy.
 
-    With a DDIM schedule of ``eta = 0`` the chain is deterministic (HRF-D's probes).
+    :func:`denoise_chain` with :class:`GeneratorNoise`: noise is drawn at every step, also at
+    deterministic ones (with ``generator=None`` the global RNG advances as it always did). With a DDIM
+    schedule of ``eta = 0`` the chain is deterministic (HRF-D's probes).
 
     Args:
         denoiser: the network, see :data:`Denoiser`.
@@ -453,11 +609,7 @@ def run_chain(
     Returns:
         The images after the last step, in ``x``'s dtype.
     """
-    stop = schedule.num_steps if stop is None else stop
-    for k in range(start, stop):
-        t = timestep_at(k, schedule).to(x.device).expand(x.shape[0])
-        x = denoise_step(denoiser(x, t, condition), x, k, schedule, generator=generator).x_prev
-    return x
+    return denoise_chain(denoiser, x, schedule, condition, start=start, stop=stop, noise=GeneratorNoise(generator))
 
 
 def to_unit_range(x: Tensor) -> Tensor:
@@ -490,7 +642,8 @@ def generate(
 
     The initial noise comes from :func:`initial_noise` (``seed``): image ``i`` of every model starts
     from the same noise. The policy noise comes from a CPU generator seeded with ``seed + 1`` and is
-    drawn batch by batch, so a run is reproduced exactly with the same ``seed`` and ``batch_size``.
+    drawn batch by batch (:class:`GeneratorNoise`: one draw per step of each batch's
+    :func:`denoise_chain`), so a run is reproduced exactly with the same ``seed`` and ``batch_size``.
 
     Args:
         denoiser: see :data:`Denoiser`.
@@ -503,14 +656,10 @@ def generate(
         batch_size: images per chain.
     """
     x_all = initial_noise(n, sample_shape, seed)
-    policy_rng = torch.Generator().manual_seed(seed + 1)
+    policy_noise = GeneratorNoise(torch.Generator().manual_seed(seed + 1))
     out = []
     for start in range(0, n, batch_size):
         x = x_all[start : start + batch_size].to(device)
         c = None if conditions is None else conditions[start : start + batch_size].to(device)
-        for k in range(schedule.num_steps):
-            t = timestep_at(k, schedule).to(device).expand(x.shape[0])
-            z = torch.randn(x.shape, generator=policy_rng).to(device)
-            x = denoise_step(denoiser(x, t, c), x, k, schedule, noise=z).x_prev
-        out.append(x)
+        out.append(denoise_chain(denoiser, x, schedule, c, noise=policy_noise))
     return torch.cat(out)

@@ -148,3 +148,69 @@ def test_bad_arguments_name_the_value():
         sampling.step_std(K, schedule, torch.zeros(1))
     with pytest.raises(IndexError):
         sampling.add_noise(torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([0, -1]), schedule)
+
+
+def _toy_denoiser(x, t, c):
+    """An elementwise stand-in for a UNet: per-row results do not depend on the batch."""
+    return 0.3 * x + t.view(-1, 1, 1, 1).to(x.dtype) / 1000
+
+
+def _hand_loop(schedule, x, generator):
+    """The loop run_chain used to be: denoise_step drawing with ``generator=`` at every step."""
+    for k in range(schedule.num_steps):
+        t = sampling.timestep_at(k, schedule).expand(x.shape[0])
+        x = sampling.denoise_step(_toy_denoiser(x, t, None), x, k, schedule, generator=generator).x_prev
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_denoise_chain_with_generator_noise_equals_the_hand_written_loop(eta):
+    schedule = sampling.make_schedule(_ddim(CONFIGS["digits"]), K, eta=eta)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    expected = _hand_loop(schedule, x, torch.Generator().manual_seed(1))
+    noise = sampling.GeneratorNoise(torch.Generator().manual_seed(1))
+    assert torch.equal(sampling.denoise_chain(_toy_denoiser, x, schedule, noise=noise), expected)
+    assert torch.equal(
+        sampling.run_chain(_toy_denoiser, x, schedule, generator=torch.Generator().manual_seed(1)), expected
+    )
+
+
+def test_global_batch_noise_shards_equal_the_whole_batch():
+    schedule = sampling.make_schedule(_ddim(CONFIGS["digits"]), K, eta=1.0)
+    x = torch.randn((5, 2, 6, 6), generator=torch.Generator().manual_seed(0))
+    whole = sampling.denoise_chain(
+        _toy_denoiser, x, schedule, noise=sampling.GlobalBatchNoise(torch.Generator().manual_seed(3), 5, slice(None))
+    )
+    assert torch.equal(whole, _hand_loop(schedule, x, torch.Generator().manual_seed(3)))
+    parts = []
+    for rows in (slice(0, 3), slice(3, 5), slice(5, 5)):  # the last process holds no rows
+        noise = sampling.GlobalBatchNoise(torch.Generator().manual_seed(3), 5, rows)
+        parts.append(sampling.denoise_chain(_toy_denoiser, x[rows], schedule, noise=noise))
+    assert parts[2].shape == (0, 2, 6, 6)
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_split_chains_with_precomputed_noise_equal_one_chain_and_report_every_step():
+    schedule = sampling.make_schedule(_ddim(CONFIGS["digits"]), K, eta=1.0)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    noise = sampling.PrecomputedNoise(torch.randn((K, *SHAPE), generator=torch.Generator().manual_seed(1)))
+    seen: list[int] = []
+    whole = sampling.denoise_chain(_toy_denoiser, x, schedule, noise=noise, on_step=lambda k, step: seen.append(k))
+    assert seen == list(range(K))
+    half = sampling.denoise_chain(_toy_denoiser, x, schedule, stop=7, noise=noise)
+    assert torch.equal(sampling.denoise_chain(_toy_denoiser, half, schedule, start=7, noise=noise), whole)
+
+
+def test_deterministic_chain_needs_no_noise_but_a_stochastic_one_does():
+    ddim = _ddim(CONFIGS["digits"])
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    eta0 = sampling.make_schedule(ddim, K, eta=0.0)
+    drawn = sampling.denoise_chain(_toy_denoiser, x, eta0, noise=sampling.GeneratorNoise(torch.Generator()))
+    assert torch.equal(sampling.denoise_chain(_toy_denoiser, x, eta0), drawn)
+    eta1 = sampling.make_schedule(ddim, K, eta=1.0)
+    with pytest.raises(ValueError, match="noise=None.*stochastic"):
+        sampling.denoise_chain(_toy_denoiser, x, eta1)
+    sampling.denoise_chain(_toy_denoiser, x, eta1, start=K - 1)  # the last step (σ = 0) alone is deterministic
+    for start, stop in ((-1, None), (3, 2), (0, K + 1)):
+        with pytest.raises(ValueError, match=f"start={start}"):
+            sampling.denoise_chain(_toy_denoiser, x, eta0, start=start, stop=stop)

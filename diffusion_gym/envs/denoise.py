@@ -192,19 +192,13 @@ class DenoiseCore:
     @torch.no_grad()
     def _sample_from_model(self, n: int, conditions: Tensor | None, generator: torch.Generator) -> Tensor:
         x = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
-        if self.shard is None:
-            return sampling.run_chain(self.denoiser, x, self.schedule, conditions, generator=generator)
-        # Split the chains across processes; each draws the whole batch's policy noise (as run_chain
-        # would) and keeps its rows, so the gathered images equal the unsharded ones.
-        part = self.shard.part(n)
-        x = x[part]
-        c = conditions[part] if conditions is not None else None
-        for k in range(self.num_steps):
-            z = torch.randn((n, *self.sample_shape), generator=generator)[part].to(self.device)
-            if x.shape[0] > 0:  # (more processes than images: nothing to denoise here)
-                t = sampling.timestep_at(k, self.schedule).to(self.device).expand(x.shape[0])
-                x = sampling.denoise_step(self.denoiser(x, t, c), x, k, self.schedule, noise=z).x_prev
-        return self.shard.all_gather(x)
+        # With a shard, the chains are split across processes; each draws the whole batch's policy noise
+        # and keeps its rows (it may have none), so the gathered images equal the unsharded ones.
+        rows = slice(None) if self.shard is None else self.shard.part(n)
+        c = conditions[rows] if conditions is not None else None
+        noise = sampling.GlobalBatchNoise(generator, n, rows)
+        x = sampling.denoise_chain(self.denoiser, x[rows], self.schedule, c, noise=noise)
+        return x if self.shard is None else self.shard.all_gather(x)
 
     def probe(self, references: Tensor, conditions: Tensor, noise: Tensor) -> Callable[[int], ProbeResult]:
         """HRF-D's probe: ``probe(k)`` noises ``references`` to ``k`` and denoises deterministically.
@@ -222,7 +216,9 @@ class DenoiseCore:
                 images = references
                 if k < self.num_steps:
                     x = sampling.add_noise(references, noise, k, self.probe_schedule)
-                    images = sampling.run_chain(self.denoiser, x, self.probe_schedule, self.condition_input(conditions), start=k)
+                    images = sampling.run_chain(
+                        self.denoiser, x, self.probe_schedule, self.condition_input(conditions), start=k
+                    )
                 rewards = self.reward_fn(sampling.to_unit_range(images), self.condition_input(conditions))
             if self.shard is not None:  # float64 on every process: exact for float32 and float64 rewards
                 images, rewards = self.shard.all_gather(images), self.shard.all_gather(rewards.double())
@@ -244,7 +240,9 @@ class DenoiseCore:
         """
         k = self.k.clamp(max=self.num_steps - 1)
         t = self.schedule.timesteps.to(self.device)[k]
-        x0, _ = sampling.predict_x0_eps(self.denoiser(self.x, t, self.condition_input(self.c)), self.x, k, self.schedule)
+        x0, _ = sampling.predict_x0_eps(
+            self.denoiser(self.x, t, self.condition_input(self.c)), self.x, k, self.schedule
+        )
         return x0.float()
 
     # ----------------------------------------------------------------------------------- episodes
