@@ -92,7 +92,9 @@ def load_run_config(
         )
     name = written if written is not None else (algo or DEFAULT_ALGO)
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ConfigError(f"invalid config {source}:\n  algo: unknown algo {name!r}; valid choices: {algorithm_names()}")
+        raise ConfigError(
+            f"invalid config {source}:\n  algo: unknown algo {name!r}; valid choices: {algorithm_names()}"
+        )
     try:
         return validate_config(get_schema(name), {**data, "algo": name}, source)
     except ConfigError as error:
@@ -114,7 +116,7 @@ def _validates(name: str, data: dict[str, Any], source: str) -> bool:
 
 
 def train(config: RunConfig, **kwargs: Any) -> TrainResult:
-    """Train ``config`` with its algorithm (keyword arguments: those of :class:`~agents.common.runner.OnPolicyRunner`)."""
+    """Train ``config`` with its algorithm (keyword arguments: :class:`~agents.common.runner.OnPolicyRunner`'s)."""
     from .common.runner import OnPolicyRunner
 
     return OnPolicyRunner(get_algorithm(config.algo), config, **kwargs).run()

@@ -17,13 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from diffusion_gym import __version__
 
-from diffusion_gym import __version__, sampling
-from diffusion_gym.models import DEFAULT_MODEL, MissingWeightsError, load_model
+from .algorithms import algorithm_names
 
-from .algorithms import algorithm_names, load_run_config, train
-
+# Heavy modules (torch, diffusers) are imported inside the commands, after the arguments are parsed:
+# `diffusion-gym --help` and a usage error answer at once.
+DEFAULT_MODEL = "embedded:digits"
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,34 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", default=None, metavar="DIR", help="a local diffusers directory to load; overrides --model"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_device_argument(parser)
+
+
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="torch device: cpu, cuda, cuda:N, or auto (cuda when present; default)"
+    )
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a CUDA device that is not there is an error.
+
+    Raises:
+        ValueError: for a device string torch does not parse, or a CUDA device that is not available.
+    """
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; valid choices: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s); use --device cpu")
+    return name
 
 
 def _add_sample(subparsers: argparse._SubParsersAction) -> None:
@@ -82,19 +109,54 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config value, YAML-typed (repeatable), e.g. --set train.learning_rate=1e-4",
     )
-    p.add_argument("--run-dir", default=None, help="run directory (default: <logdir>/<run_name or time>)")
     p.add_argument(
-        "--resume", default=None, metavar="PATH", help="continue from a checkpoint or a run directory's latest one"
+        "--run-dir", default=None, help="run directory (default: <logdir>/<run_name or time>; on resume: the run's own)"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_OR_CHECKPOINT",
+        help="continue a run (its latest checkpoint) or a checkpoint, with its own config and run directory; "
+        "--set may change only epochs, eval/save cadence, device and logging then",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in the run directory (default: refuse)"
     )
     p.add_argument("--weights", default=None, metavar="DIR", help="a local diffusers directory; overrides model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace) -> Any:
+    """The run's config: the YAML (or defaults) with ``--set``; on ``--resume`` alone, the checkpoint's own."""
+    from .algorithms import get_schema, load_run_config
+
     overrides = list(args.overrides) + ([f"model={args.weights}"] if args.weights else [])
-    config = load_run_config(args.config, overrides, algo=args.algo)
-    result = train(config, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress)
+    if args.resume is None or args.config is not None:
+        return load_run_config(args.config, overrides, algo=args.algo)  # a resume then checks it is the same run
+    from .common.checkpoint import load_checkpoint
+    from .common.run_dir import config_for_resume
+
+    saved = load_checkpoint(args.resume).state.get("config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {args.resume}: the checkpoint holds no run config; pass --config")
+    if args.algo is not None and saved.get("algo") != args.algo:
+        raise ValueError(f"--resume {args.resume}: the run is algo {saved.get('algo')!r}, not --algo {args.algo}")
+    return config_for_resume(saved, overrides, get_schema(str(saved.get("algo"))))
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .algorithms import train
+
+    what = f"resuming {args.resume}" if args.resume else f"config {args.config or '<defaults>'}"
+    print(f"diffusion-gym train: {what}; loading torch and the model...", flush=True)
+    config = _train_config(args)
+    device = resolve_device(config.device)
+    if device != config.device:
+        config = config.model_copy(update={"device": device})
+    result = train(
+        config, run_dir=args.run_dir, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite
+    )
     last = result.epochs[-1] if result.epochs else None
     print(f"run directory: {result.run_dir.resolve()}")
     print(f"  TensorBoard logs: {(result.run_dir / 'tb').resolve()}  (tensorboard --logdir {result.run_dir})")
@@ -109,18 +171,22 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
+    import torch
     from torchvision.utils import save_image
 
+    from diffusion_gym import sampling
+    from diffusion_gym.models import load_model
+
+    args.device = resolve_device(args.device)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     spec = args.weights or args.model
     if args.checkpoint:
-        from .common.checkpoint import latest_checkpoint
+        from .common.checkpoint import verify_checkpoint
 
-        found = latest_checkpoint(args.checkpoint)
-        if found is None:
-            raise ValueError(f"no complete checkpoint found at {args.checkpoint}")
-        spec = str(found)  # a checkpoint is a diffusers pipeline folder (model_index.json, unet/, scheduler/)
+        spec = str(
+            verify_checkpoint(args.checkpoint)
+        )  # a checkpoint is a diffusers pipeline folder (model_index.json, unet/, scheduler/)
     unet, scheduler = load_model(spec, device=args.device)
     schedule = sampling.make_schedule(scheduler, args.steps, eta=args.eta, device=args.device)
     num_classes = unet.config.num_class_embeds
@@ -155,7 +221,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    from .evaluation import EvalSettings
+    from .common.eval_settings import EvalSettings
 
     d = EvalSettings()
     p = subparsers.add_parser(
@@ -187,15 +253,17 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-weights", default=None, metavar="FILE", help="open_clip ViT-L-14 'openai' checkpoint")
     p.add_argument("--method", default=None, help="method name recorded for the report (e.g. ddpo, hrf-early, base)")
     p.add_argument("--task", default=None, help="the reward the models were fine-tuned on, for the report")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_device_argument(p)
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from diffusion_gym.models import load_model
     from diffusion_gym.nets import load_metric_nets
 
     from .evaluation import EvalSettings, evaluate_model, resolve_model_spec, write_evaluation
 
+    args.device = resolve_device(args.device)
     settings = EvalSettings(
         num_samples=args.n,
         seed=args.seed,
@@ -284,17 +352,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _project_errors() -> tuple[type[BaseException], ...]:
+    """What a command reports as one ``error:`` line (exit 2) instead of a traceback."""
+    import yaml
+
+    from diffusion_gym.models import MissingWeightsError
+
+    from .common.checkpoint import CheckpointError
+    from .common.distributed import DistributedError
+    from .common.runner import TrainingDivergedError
+
+    return (ValueError, MissingWeightsError, CheckpointError, DistributedError, TrainingDivergedError, yaml.YAMLError)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or type(error).__name__}: {error.filename}"
+    return str(error) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``diffusion-gym`` console script."""
+    """Entry point of the ``diffusion-gym`` console script: exit 0 on success, 2 on a reported error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 0
+        return 2
     try:
         return args.func(args)
-    except (ValueError, MissingWeightsError) as error:
-        print(f"diffusion-gym {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"diffusion-gym {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:
+        print(f"diffusion-gym {args.command}: error: {_describe(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if not isinstance(error, _project_errors()):
+            raise
+        print(f"diffusion-gym {args.command}: error: {_describe(error)}", file=sys.stderr)
         return 2
 
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .evaluation import EvalSettings
+from .common.eval_settings import EvalSettings
 
 
 class _Strict(BaseModel):
@@ -177,10 +177,13 @@ def _run_name(method: str, reward: str, seed: int) -> str:
 
 
 def _finished(run_dir: Path, num_epochs: int) -> bool:
-    from .common.checkpoint import latest_checkpoint
+    from .common.checkpoint import CheckpointError, latest_checkpoint
 
-    found = latest_checkpoint(run_dir)
-    return found is not None and json.loads((found / "meta.json").read_text()).get("epoch") == num_epochs - 1
+    try:
+        found = latest_checkpoint(run_dir)
+    except CheckpointError:  # a run killed while writing: it restarts
+        return False
+    return found is not None and json.loads((found / "meta.json").read_text()).get("epoch") == num_epochs
 
 
 def _overrides(study: StudyConfig, method: str, seed: int) -> list[str]:
@@ -227,7 +230,7 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
         if study.jobs == 1:  # in this process: no interpreter start-up and model loading per run
             from .algorithms import train
 
-            train(config, run_dir=run_dir, progress=False)
+            train(config, run_dir=run_dir, progress=False, overwrite=True)
         else:
             with open(run_dir / "train.log", "w") as logfile:
                 done = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, check=False)
@@ -413,6 +416,18 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
     injections = timed("injection", injection_stage, study, runs, out, timings, log) if "injection" in wanted else {}
     if "report" not in wanted:
         return out
+    return report_stage(study, config_path, out, timings, injections, log)
+
+
+def report_stage(
+    study: StudyConfig,
+    config_path: str | os.PathLike[str],
+    out: Path,
+    timings: Timings,
+    injections: dict[str, Any],
+    log: Any = print,
+) -> Path:
+    """Write the study's report (with any ``compare_with`` rows) and the per-model metrics next to it."""
     from .report import merge_results, write_report
 
     tic = time.perf_counter()

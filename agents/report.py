@@ -353,41 +353,13 @@ def runtime_table(timings: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def write_report(
-    paths: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    *,
-    title: str = "Evaluation report",
-    header: Sequence[str] = (),
-    injections: dict[str, dict[str, Any]] | None = None,
-    timings: list[dict[str, Any]] | None = None,
-    notes: Sequence[str] = (),
-    extra: Sequence[dict[str, Any]] = (),
-) -> Path:
-    """Write ``report.md`` and its figures into ``out_dir``; returns the Markdown path.
-
-    Args:
-        paths: evaluation JSON files or directories of them.
-        out_dir: where ``report.md`` and the PNG figures go.
-        title: the report's title.
-        header: lines under the title.
-        injections: injection-sampling results per task (Appendix A.1 plot and table).
-        timings: a study's ``timings.json`` items (runtime table).
-        notes: lines after the claims check.
-        extra: evaluations loaded elsewhere (an earlier study's ``evaluations.json``), added to the
-            rows unless a file of ``paths`` has the same label; without arrays they are left out
-            of the projection plot.
-    """
-    own = load_results(paths)
-    study = Study(merge_results(own, [{"method": r.get("label"), **r} for r in extra]))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _table_lines(study: Study) -> list[str]:
+    """The report's protocol paragraph and Tables 1-3 with the window ablation."""
     first = study.results[0]["settings"]
     n_runs = defaultdict(int)
     for r in study.results:
         n_runs[r["method"]] += 1
-    lines = [f"# {title}", "", *header, ""]
-    lines += [
+    lines = [
         f"Every model was sampled from the same initial noise (seed {first['seed']}, {first['num_samples']} samples, "
         f"{first['num_steps']} DDIM steps, eta {first['eta']}); the IS network is "
         f"`{study.results[0]['inception_score']['network']}`, the embedding network "
@@ -419,15 +391,13 @@ def write_report(
     ]
     for name, title_, digits in (("reward", "reward", 4), ("is", "IS", 3), ("vendi_pixel", "Vendi pixels", 3)):
         lines += [f"{title_}:", "", markdown_table(study.table(name, digits, by="method")), ""]
-    claims = study.claims()
-    failed = [f"{row[0]}: {row[1]}" for row in claims[1:] if row[2] != "yes"]
-    lines += ["## The paper's claims on these numbers", "", markdown_table(claims), ""]
-    if len(claims) > 1:
-        verdict = f"{len(claims) - 1 - len(failed)} of {len(claims) - 1} checks hold on this model."
-        lines += [verdict + (" Not reproduced: " + "; ".join(failed) + "." if failed else ""), ""]
-    lines += [*notes, ""] if notes else []
+    return lines
+
+
+def _figure_lines(study: Study, out: Path, injections: dict[str, dict[str, Any]] | None) -> list[str]:
+    """Draw the report's figures into ``out``; returns their Markdown section."""
     fig5 = plot_reward_vs_vendi(study, out / "fig5_reward_vs_vendi.png")
-    lines += ["## Figures", "", f"![Reward vs Vendi]({fig5.name})", ""]
+    lines = ["## Figures", "", f"![Reward vs Vendi]({fig5.name})", ""]
     # Fig. 1 wants DDPO's first seed; its arrays may be missing (an earlier study's evaluation): then the
     # first other method whose evaluations have arrays
     for method in dict.fromkeys(["ddpo", *study.methods]):
@@ -447,6 +417,47 @@ def write_report(
             for s in d["curves"]:
                 rows.append([task, s, f"{d['final_to_finetuned'][s]:.4f}", f"{d['final_to_base'][s]:.4f}"])
         lines += [markdown_table(rows), ""]
+    return lines
+
+
+def write_report(
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    title: str = "Evaluation report",
+    header: Sequence[str] = (),
+    injections: dict[str, dict[str, Any]] | None = None,
+    timings: list[dict[str, Any]] | None = None,
+    notes: Sequence[str] = (),
+    extra: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """Write ``report.md`` and its figures into ``out_dir``; returns the Markdown path.
+
+    Args:
+        paths: evaluation JSON files or directories of them.
+        out_dir: where ``report.md`` and the PNG figures go.
+        title: the report's title.
+        header: lines under the title.
+        injections: injection-sampling results per task (Appendix A.1 plot and table).
+        timings: a study's ``timings.json`` items (runtime table).
+        notes: lines after the claims check.
+        extra: evaluations loaded elsewhere (an earlier study's ``evaluations.json``), added to the
+            rows unless a file of ``paths`` has the same label; without arrays they are left out
+            of the projection plot.
+    """
+    own = load_results(paths)
+    study = Study(merge_results(own, [{"method": r.get("label"), **r} for r in extra]))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", *header, "", *_table_lines(study)]
+    claims = study.claims()
+    failed = [f"{row[0]}: {row[1]}" for row in claims[1:] if row[2] != "yes"]
+    lines += ["## The paper's claims on these numbers", "", markdown_table(claims), ""]
+    if len(claims) > 1:
+        verdict = f"{len(claims) - 1 - len(failed)} of {len(claims) - 1} checks hold on this model."
+        lines += [verdict + (" Not reproduced: " + "; ".join(failed) + "." if failed else ""), ""]
+    lines += [*notes, ""] if notes else []
+    lines += _figure_lines(study, out, injections)
     if timings:
         lines += ["## Runtime of each stage", "", markdown_table(runtime_table(timings)), ""]
         lines += [

@@ -1,6 +1,5 @@
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -52,10 +51,10 @@ def test_train_algo_vard_runs_and_resumes(tmp_path, capsys, tiny_vard):
     assert main([*args, *[a for o in tiny_vard for a in ("--set", o)]]) == 0
     assert "fixed-noise eval reward (jpeg_compressibility)" in capsys.readouterr().out
     ckpt = load_checkpoint(latest_checkpoint(run))
-    assert ckpt.epoch == 0 and ckpt.state["algo"] == "vard"
+    assert ckpt.epoch == 1 and ckpt.state["algo"] == "vard"  # epochs finished
     more = [a for o in [*tiny_vard, "num_epochs=2"] for a in ("--set", o)]
     assert main([*args, *more, "--resume", str(run)]) == 0
-    assert load_checkpoint(latest_checkpoint(run)).epoch == 1
+    assert load_checkpoint(latest_checkpoint(run)).epoch == 2
 
 
 def test_train_rejects_an_unknown_algo_or_the_other_algos_config(capsys):

@@ -22,9 +22,9 @@ from diffusers import UNet2DModel
 
 from agents.common.checkpoint import latest_checkpoint
 from agents.common.distributed import Distributed, DistributedError, init_distributed
-from agents.ppo_is.config import ConfigError, load_config
 from agents.common.rollout import RolloutLayout
 from agents.ppo_is import train
+from agents.ppo_is.config import ConfigError, load_config
 from diffusion_gym.models import load_model
 from diffusion_gym.rewards import _REGISTRY
 
@@ -196,7 +196,7 @@ def test_checkpoints_resume_under_another_number_of_processes(tmp_path, one_proc
     2 processes: both end with the weights of the uninterrupted runs."""
     _, one_dir = one_process
     _, two_dir = two_processes
-    epoch0 = "checkpoints/epoch-000000"
+    epoch0 = "checkpoints/epoch-000001"  # after the first epoch
     overrides = [*TINY, "num_epochs=2"]
     train(load_config(None, overrides), run_dir=tmp_path / "2to1", resume=two_dir / epoch0, progress=False)
     _run_two(tmp_path / "1to2", tmp_path / "out", overrides, resume=one_dir / epoch0)

@@ -12,8 +12,8 @@ from agents.common.drift import (
     shaped_step_advantages,
 )
 from agents.common.policy import DiffusionPolicy
-from agents.ppo_is.config import ConfigError, load_config
 from agents.ppo_is import train
+from agents.ppo_is.config import ConfigError, load_config
 from diffusion_gym import sampling
 from diffusion_gym.metrics import group_cosine_diversity
 from diffusion_gym.models import load_model

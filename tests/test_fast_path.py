@@ -17,9 +17,9 @@ import torch
 
 from agents.common.collector import Collector, policy_noise_sampler
 from agents.common.policy import DiffusionPolicy
-from agents.ppo_is.config import ConfigError, load_config
 from agents.ppo_is import train
 from agents.ppo_is.algorithm import ClippedUpdate
+from agents.ppo_is.config import ConfigError, load_config
 from diffusion_gym import sampling
 from diffusion_gym.envs import DiffusionDenoiseVectorEnv
 from diffusion_gym.models import load_model

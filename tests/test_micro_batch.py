@@ -10,9 +10,9 @@ import torch
 from agents.common.collector import Collector
 from agents.common.micro_batch import MicroBatchSize
 from agents.common.policy import DiffusionPolicy
-from agents.ppo_is.config import load_config
 from agents.common.rollout import Rollout
 from agents.ppo_is.algorithm import ClippedUpdate
+from agents.ppo_is.config import load_config
 from diffusion_gym import sampling
 from diffusion_gym.envs import DiffusionDenoiseVectorEnv
 
@@ -86,7 +86,8 @@ def _update(model, batch_size: int, fits: int | None, micro: MicroBatchSize | No
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
     logged = [
-        ClippedUpdate(policy, optimizer, config.train, generator, micro_batch=micro).update(buffer) for _ in range(updates)
+        ClippedUpdate(policy, optimizer, config.train, generator, micro_batch=micro).update(buffer)
+        for _ in range(updates)
     ]
     return policy, logged, attempts
 

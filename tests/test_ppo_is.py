@@ -9,9 +9,9 @@ from diffusers import DDPMPipeline, UNet2DModel
 import agents.ppo_is.algorithm as trainer_module
 from agents.cli import main
 from agents.common.checkpoint import latest_checkpoint
-from agents.ppo_is.config import load_config
 from agents.common.runner import TrainingDivergedError
 from agents.ppo_is import train
+from agents.ppo_is.config import load_config
 from diffusion_gym.models import MissingWeightsError
 
 TINY = [

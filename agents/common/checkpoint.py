@@ -267,6 +267,65 @@ def _prune(root: Path, current: str, keep: int) -> None:
         _delete_dir(root, entry)
 
 
+def _write_contents(
+    tmp: Path, unet: ModelMixin, scheduler: Any | None, encoded: Any, extra: dict[str, dict[str, Tensor]]
+) -> None:
+    """The UNet (diffusers format), the scheduler and pipeline index, the trainer state, the extra weights."""
+    unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+    if scheduler is not None:
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = {
+            "_class_name": "DDPMPipeline",
+            "_diffusers_version": getattr(unet.config, "_diffusers_version", ""),
+            "unet": ["diffusers", type(unet).__name__],
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_state(tmp, encoded)
+    for extra_name, tensors in extra.items():
+        safetensors.torch.save_file(tensors, str(tmp / f"{extra_name}.safetensors"))
+
+
+def _write_meta(tmp: Path, epoch: int, extra_names: list[str]) -> None:
+    """Fsync every file and directory, then write ``meta.json`` (sizes and sha256 of every file) last."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        size, sha = _hash_and_fsync(path)
+        files[path.relative_to(tmp).as_posix()] = {"size": size, "sha256": sha}
+    for directory in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(directory)
+    now = time.time()
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "epoch": epoch,
+        "time": now,
+        "time_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "torch_version": torch.__version__,
+        "extra_weights": extra_names,
+        "files": files,
+    }
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
+def _move_into_place(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final`` (an existing one is moved aside first, then deleted)."""
+    if final.exists():
+        old = _new_tmp_path(root, f"old-{final.name}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        _fsync_dir(root)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     epoch: int,
@@ -330,53 +389,9 @@ def save_checkpoint(
     tmp = _new_tmp_path(root, name)
     tmp.mkdir()
     try:
-        unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
-        if scheduler is not None:
-            scheduler.save_pretrained(tmp / "scheduler")
-            index = {
-                "_class_name": "DDPMPipeline",
-                "_diffusers_version": getattr(unet.config, "_diffusers_version", ""),
-                "unet": ["diffusers", type(unet).__name__],
-                "scheduler": ["diffusers", type(scheduler).__name__],
-            }
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        write_state(tmp, encoded)
-        for extra_name, tensors in prepared.items():
-            safetensors.torch.save_file(tensors, str(tmp / f"{extra_name}.safetensors"))
-
-        files: dict[str, dict[str, Any]] = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            size, sha = _hash_and_fsync(path)
-            files[path.relative_to(tmp).as_posix()] = {"size": size, "sha256": sha}
-        for directory in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
-            _fsync_dir(directory)
-        now = time.time()
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "epoch": epoch,
-            "time": now,
-            "time_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-            "torch_version": torch.__version__,
-            "extra_weights": sorted(extra_weights),
-            "files": files,
-        }
-        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-
-        if final.exists():
-            old = _new_tmp_path(root, f"old-{name}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-            _fsync_dir(root)
+        _write_contents(tmp, unet, scheduler, encoded, prepared)
+        _write_meta(tmp, epoch, sorted(extra_weights))
+        _move_into_place(root, tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

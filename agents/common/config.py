@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -34,9 +34,20 @@ __all__ = [
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, assignments are validated."""
+    """A config section: unknown keys, NaN/Inf numbers and booleans given for numbers are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        """``batch_size: true`` is a mistake, not 1: a boolean is refused where a number is expected."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+                    raise ValueError(f"{name}: expected a number, got the boolean {value!r}")
+        return data
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -94,7 +105,7 @@ class RunConfig(Section):
     algo: str = Field("ppo-is", description="the algorithm (agents.algorithms): picks the schema and the trainer")
     run_name: str = Field("", description="run directory name under logdir (default: algo + time)")
     logdir: str = Field("runs", description="where runs are written")
-    seed: int = Field(0, description="seed of everything")
+    seed: int = Field(0, ge=0, description="seed of everything")
     device: str = Field("cpu", description="torch device")
     model: str = Field("embedded:digits", description="model spec (load_model)")
     num_epochs: int = Field(10, ge=1, description="training epochs")
@@ -147,7 +158,10 @@ def read_config_data(path: str | Path | None, overrides: list[str] | None) -> tu
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml_load(path.read_text())
+        try:
+            loaded = yaml_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(error).split())}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(loaded).__name__}")
         data = loaded or {}
@@ -196,6 +210,30 @@ def check_values(config: RunConfig, source: str = "<config>") -> None:
             f"invalid config {source}:\n  env.reward: unknown reward {env.reward!r}; "
             f"valid choices: {available_rewards()}"
         )
+    problem = reward_kwargs_problem(env.reward, env.reward_kwargs)
+    if problem:
+        raise ConfigError(f"invalid config {source}:\n  env.reward_kwargs: {problem}")
+
+
+def reward_kwargs_problem(reward: str, kwargs: dict[str, Any]) -> str | None:
+    """Why ``kwargs`` do not fit the factory of the registered reward ``reward`` (``None`` if they do)."""
+    import inspect
+
+    from diffusion_gym.rewards import _REGISTRY
+
+    factory = _REGISTRY.get(reward)
+    try:
+        signature = inspect.signature(factory) if factory is not None else None
+    except (TypeError, ValueError):  # a builtin or C factory: nothing to check here
+        return None
+    if signature is None:
+        return None
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        accepted = [p.name for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        return f"{error} (reward {reward!r} accepts {accepted})"
+    return None
 
 
 def dump_config(config: BaseModel) -> str:

@@ -105,7 +105,7 @@ class Distributed:
             ) from error
 
     def shard(self) -> Any:
-        """This process's :class:`~diffusion_gym.envs.Shard` of a batch the processes collect together (``None`` alone)."""
+        """This process's :class:`~diffusion_gym.envs.Shard` of a batch collected together (``None`` alone)."""
         if not self.enabled:
             return None
         from diffusion_gym.envs import Shard

@@ -40,6 +40,7 @@ from .checkpoint import save_checkpoint as _save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .distributed import DEFAULT_TIMEOUT_S, Distributed, init_distributed
 from .policy import DiffusionPolicy
+from .run_dir import check_resume_config, checkpoint_run_dir, prepare_run_dir
 
 __all__ = [
     "Algorithm",
@@ -109,7 +110,7 @@ class TrainerState:
     """
 
     epoch: int
-    """The last finished epoch (0-based)."""
+    """Epochs finished (the checkpoint ``epoch-000003`` is written after the third epoch)."""
     algo: str
     """The algorithm that wrote it."""
     config: dict[str, Any]
@@ -138,7 +139,9 @@ class TrainerState:
         """
         missing = [name for name in cls.__dataclass_fields__ if name not in state]
         if missing:
-            raise CheckpointError(f"checkpoint {where}: the trainer state lacks {missing}; it was not written by this version")
+            raise CheckpointError(
+                f"checkpoint {where}: the trainer state lacks {missing}; it was not written by this version"
+            )
         return cls(**{name: state[name] for name in cls.__dataclass_fields__})
 
 
@@ -201,8 +204,8 @@ class Algorithm(ABC):
         """The algorithm's own state for checkpoints (optimizers, schedules, trackers)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any], extra_weights: dict[str, dict[str, Tensor]]) -> None:
-        """Restore :meth:`state_dict` and :meth:`extra_weights`."""
+    def load_state_dict(self, state: dict[str, Any], extra_weights: dict[str, dict[str, Tensor]]) -> None:  # noqa: B027
+        """Restore :meth:`state_dict` and :meth:`extra_weights` (nothing to restore by default)."""
 
     def extra_weights(self) -> dict[str, dict[str, Tensor]]:
         """Named tensor dicts saved next to the UNet as safetensors (EMA, LoRA adapters, a value net)."""
@@ -218,10 +221,10 @@ class Algorithm(ABC):
 
         self.policy.unet.load_state_dict(UNet2DModel.from_pretrained(checkpoint.unet_dir).state_dict())
 
-    def check_consistent(self, epoch: int) -> None:
+    def check_consistent(self, epoch: int) -> None:  # noqa: B027 - a hook with nothing to do by default
         """Before a checkpoint: raise if the processes disagree (collective; nothing to do in one process)."""
 
-    def log_extra(self, writer: Any, stats: EpochStats, step: int) -> None:
+    def log_extra(self, writer: Any, stats: EpochStats, step: int) -> None:  # noqa: B027 - an optional hook
         """Log what is not a scalar (histograms...)."""
 
 
@@ -258,13 +261,26 @@ def evaluate_policy(
 
 
 def save_grid(images: Tensor, path: Path, num_classes: int | None) -> None:
-    """Write ``images`` as a PNG grid, one column per class (atomically: a temporary file, then a rename)."""
+    """Write ``images`` as a PNG grid, one column per class, upscaled (atomically: a temporary file, then a rename)."""
     from torchvision.utils import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    save_image(images, tmp, nrow=num_classes or max(1, int(len(images) ** 0.5)), padding=1, pad_value=0.5)
+    save_image(grid_image(images, num_classes), tmp)
     tmp.replace(path)
+
+
+def _flat_scalars(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config's leaves as TensorBoard hparams (numbers, strings and booleans; others as text)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, int | float | str | bool):
+            out[f"{prefix}{key}"] = value
+        elif value is not None:
+            out[f"{prefix}{key}"] = str(value)
+    return out
 
 
 class _NoWriter:
@@ -287,8 +303,9 @@ class OnPolicyRunner:
         config: its validated config.
         run_dir: where logs, samples and checkpoints go (default: ``logdir/run_name``).
         resume: a checkpoint (or run dir) to continue from, bit-identically.
-        progress: show a progress bar (rank 0).
+        progress: show progress (rank 0): a bar on a terminal, plain lines otherwise.
         stop_after: stop after this many epochs *of this call* ("train 2, resume, train 2").
+        overwrite: replace another run found in ``run_dir`` (otherwise that is an error).
     """
 
     def __init__(
@@ -300,6 +317,7 @@ class OnPolicyRunner:
         resume: str | Path | None = None,
         progress: bool = True,
         stop_after: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.algorithm_class = algorithm
         self.config = config
@@ -307,6 +325,7 @@ class OnPolicyRunner:
         self.resume = resume
         self.progress = progress
         self.stop_after = stop_after
+        self.overwrite = overwrite
 
     def run(self) -> TrainResult:
         """Train; returns the per-epoch statistics and the fixed-noise evaluations before and after.
@@ -324,21 +343,46 @@ class OnPolicyRunner:
         finally:
             dist.shutdown()
 
-    def _prepare_run_dir(self, dist: Distributed) -> Path:
+    def _prepare_run_dir(self, dist: Distributed, checkpoint: Checkpoint | None) -> Path:
         config = self.config
-        name = config.run_name or time.strftime(f"{config.algo.replace('-', '_')}-%Y%m%d-%H%M%S")
-        chosen = Path(self.run_dir) if self.run_dir is not None else Path(config.logdir) / name
+        if self.run_dir is not None:
+            chosen = Path(self.run_dir)
+        elif checkpoint is not None:  # a resumed run continues in its own directory
+            chosen = checkpoint_run_dir(checkpoint)
+        else:
+            name = config.run_name or time.strftime(f"{config.algo.replace('-', '_')}-%Y%m%d-%H%M%S")
+            chosen = Path(config.logdir) / name
         run_dir = dist.broadcast_object(chosen)
         if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(config))
+            resuming = checkpoint_run_dir(checkpoint) if checkpoint is not None else None
+            prepare_run_dir(run_dir, resuming=resuming, overwrite=self.overwrite)
+            tmp = run_dir / "config.yaml.tmp"
+            tmp.write_text(dump_config(config))
+            tmp.replace(run_dir / "config.yaml")
+        dist.barrier()
         return run_dir
 
-    def _run(self, dist: Distributed, device: str) -> TrainResult:
-        from tqdm.auto import tqdm
+    def _load_resume(self) -> Checkpoint | None:
+        if self.resume is None:
+            return None
+        checkpoint = load_checkpoint(self.resume)
+        saved = checkpoint.state.get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} holds no run config: it was not written by this version"
+            )
+        if saved.get("algo") != self.config.algo:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was written by algo {saved.get('algo')!r}, this run is "
+                f"{self.config.algo!r}: resume it with --algo {saved.get('algo')} (or just --resume {self.resume})"
+            )
+        check_resume_config(saved, self.config, str(checkpoint.path))
+        return checkpoint
 
+    def _run(self, dist: Distributed, device: str) -> TrainResult:
         config = self.config
-        run_dir = self._prepare_run_dir(dist)
+        checkpoint = self._load_resume()  # before anything is written: a refused resume leaves no trace
+        run_dir = self._prepare_run_dir(dist, checkpoint)
         if device != config.device:  # under torchrun each process drives cuda:<LOCAL_RANK>
             config = config.model_copy(update={"device": device})
         seed_everything(config.seed)
@@ -347,35 +391,35 @@ class OnPolicyRunner:
         schedule = sampling.make_schedule(loaded.scheduler, s.num_steps, eta=s.eta, device=config.device)
         generator = torch.Generator().manual_seed(config.seed)
         algo = self.algorithm_class(config, RunContext(config, loaded, schedule, dist, generator))
-        self._session = _Session(config, run_dir, algo, dist, loaded)
+        progress = Progress(algo.name.upper(), enabled=self.progress and dist.is_main)
+        self._session = _Session(config, run_dir, algo, dist, loaded, progress)
         result = TrainResult(run_dir=run_dir)
-        start = self._restore(result) if self.resume is not None else self._begin(result)
+        start = self._restore(checkpoint, result) if checkpoint is not None else 0
         last = config.num_epochs if self.stop_after is None else min(config.num_epochs, start + self.stop_after)
-        desc = algo.name.upper()
-        bar = tqdm(range(start, last), disable=not self.progress or not dist.is_main, desc=desc, unit="epoch")
-        for epoch in bar:
+        progress.log(describe_run(config, run_dir, start, last, resumed=checkpoint is not None))
+        if checkpoint is None:
+            self._begin(result)
+        progress.start(start, last, config.num_epochs)
+        for epoch in range(start, last):
             stats = self._epoch(epoch, result)
-            bar.set_postfix(**stats.postfix())
+            progress.epoch_done(epoch, stats)
             if (epoch + 1) % config.save_every == 0 or epoch + 1 == last:
-                self._session.save(epoch, result)
-        self._session.writer.close()
+                progress.phase("checkpoint")
+                self._session.save(epoch + 1, result)
+        progress.close()
+        self._session.close(result)
         return result
 
-    def _begin(self, result: TrainResult) -> int:
+    def _begin(self, result: TrainResult) -> None:
         session = self._session
         session.algo.envs.reset(seed=session.config.seed)
+        session.progress.log(f"evaluating the base model on {session.config.eval.num_samples} fixed-noise samples")
         result.base_eval = session.evaluate(step=0)
-        return 0
+        session.progress.log(f"base model: eval reward {result.base_eval.mean:.4f} ± {result.base_eval.std:.4f}")
 
-    def _restore(self, result: TrainResult) -> int:
+    def _restore(self, ckpt: Checkpoint, result: TrainResult) -> int:
         session = self._session
-        ckpt = load_checkpoint(self.resume)
         state = TrainerState.from_dict(ckpt.state, str(ckpt.path))
-        if state.algo != session.config.algo:
-            raise CheckpointError(
-                f"checkpoint {ckpt.path} was written by algo {state.algo!r}, this run is {session.config.algo!r}: "
-                f"resume it with --algo {state.algo}"
-            )
         algo = session.algo
         algo.load_policy_weights(ckpt)
         algo.load_state_dict(state.algorithm, ckpt.extra_weights)
@@ -383,11 +427,12 @@ class OnPolicyRunner:
         algo.generator.set_state(state.generator)
         restore_rng_state(state.rng)
         result.base_eval = metrics.MeanStd(*state.base_eval) if state.base_eval else None
-        return ckpt.epoch + 1
+        return ckpt.epoch
 
     def _epoch(self, epoch: int, result: TrainResult) -> EpochStats:
         session, config = self._session, self._session.config
         tic = time.perf_counter()
+        session.progress.phase("rollout + update")
         stats = session.algo.train_epoch(epoch)
         stats.seconds = time.perf_counter() - tic
         session.check_finite(epoch)
@@ -398,21 +443,117 @@ class OnPolicyRunner:
         session.algo.log_extra(writer, stats, step)
         writer.add_scalar("time/epoch_seconds", stats.seconds, step)
         if step % config.eval.every == 0 or step == config.num_epochs:
+            session.progress.phase("evaluation")
             result.final_eval = session.evaluate(step)
             stats.eval_reward_mean = result.final_eval.mean
         result.epochs.append(stats)
         return stats
 
 
-class _Session:
-    """The parts of one run the runner's steps share: config, directory, algorithm, writer."""
+def describe_run(config: Any, run_dir: Path, start: int, last: int, resumed: bool) -> str:
+    """The start-up summary: what trains on what, how much per epoch, where it is written."""
+    s = config.sample
+    window = config.env.window if isinstance(config.env.window, str) else f"clusters {config.env.window}"
+    first = f"resuming after epoch {start}" if resumed else "starting"
+    return (
+        f"{config.algo} on {config.model} ({config.device}), reward {config.env.reward}, window {window}: "
+        f"{s.num_batches_per_epoch} batch(es) x {s.num_envs} episodes of up to {s.num_steps} steps per epoch; "
+        f"{first}, epochs {start + 1}..{last} of {config.num_epochs}; run directory {run_dir}"
+    )
 
-    def __init__(self, config: Any, run_dir: Path, algo: Algorithm, dist: Distributed, loaded: LoadedModel) -> None:
+
+class Progress:
+    """What a person watching sees: a bar on a terminal, one plain line per epoch otherwise.
+
+    Args:
+        name: the algorithm's name, shown first.
+        enabled: ``False`` prints nothing (other ranks, ``progress=False``).
+    """
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        import sys
+
+        self.name, self.enabled = name, enabled
+        self.interactive = enabled and sys.stderr.isatty()
+        self._bar: Any = None
+        self._last = self._total = 0
+
+    def log(self, message: str) -> None:
+        """One line, above the bar if there is one."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(f"[{self.name}] {message}")
+        else:
+            print(f"[{self.name}] {message}", flush=True)
+
+    def start(self, first: int, last: int, total: int) -> None:
+        """The epoch loop begins."""
+        self._last, self._total = last, total
+        if self.interactive:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=last, initial=first, desc=self.name, unit="epoch")
+
+    def phase(self, name: str) -> None:
+        """What the current epoch is doing (shown on the bar)."""
+        if self._bar is not None:
+            self._bar.set_description_str(f"{self.name} [{name}]")
+
+    def epoch_done(self, epoch: int, stats: EpochStats) -> None:
+        """An epoch finished: advance the bar, or print its line."""
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(**stats.postfix())
+            return
+        shown = ", ".join(f"{k} {v}" for k, v in stats.postfix().items())
+        evaluated = f", eval reward {stats.eval_reward_mean:.4f}" if stats.eval_reward_mean is not None else ""
+        self.log(f"epoch {epoch + 1}/{self._total}: {shown}{evaluated} ({stats.seconds:.1f} s)")
+
+    def close(self) -> None:
+        """The loop ended."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+GRID_PIXELS = 64
+"""Sample grids show each image at least this many pixels wide (nearest-neighbour upscaling)."""
+
+
+def grid_image(images: Tensor, num_classes: int | None) -> Tensor:
+    """A ``(C, H, W)`` grid of ``images`` in ``[0, 1]``: one column per class, upscaled, padded."""
+    from torchvision.utils import make_grid
+
+    factor = max(1, GRID_PIXELS // images.shape[-1])
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return make_grid(images, nrow=num_classes or max(1, int(len(images) ** 0.5)), padding=2, pad_value=0.5)
+
+
+class _Session:
+    """The parts of one run the runner's steps share: config, directory, algorithm, writer, progress."""
+
+    def __init__(
+        self, config: Any, run_dir: Path, algo: Algorithm, dist: Distributed, loaded: LoadedModel, progress: Progress
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.config, self.run_dir, self.algo, self.dist, self.loaded = config, run_dir, algo, dist, loaded
+        self.progress = progress
         self.writer: Any = SummaryWriter(str(run_dir / "tb")) if dist.is_main else _NoWriter()
+        self.writer.add_text("config", "```yaml\n" + dump_config(config) + "```", 0)
         self.base_eval: metrics.MeanStd | None = None
+
+    def close(self, result: TrainResult) -> None:
+        """Record the run's hyper-parameters with its final evaluation, and close the writer."""
+        flat = _flat_scalars(self.config.model_dump(mode="json"))
+        final = {"hparam/final_eval_reward": result.final_eval_reward} if result.final_eval_reward is not None else {}
+        if result.base_eval_reward is not None:
+            final["hparam/base_eval_reward"] = result.base_eval_reward
+        if final:
+            self.writer.add_hparams(flat, final, run_name="hparams")
+        self.writer.close()
 
     def evaluate(self, step: int) -> metrics.MeanStd:
         """Fixed-noise evaluation on rank 0 (logged, grid written), shared with every rank."""
@@ -423,7 +564,7 @@ class _Session:
                 self.algo.policy, core.reward_fn, e.num_samples, e.seed, core.sample_shape, core.num_classes,
                 self.config.device,
             )  # fmt: skip
-            self.writer.add_images("eval/samples", images, step)
+            self.writer.add_image("eval/samples", grid_image(images, core.num_classes), step)
             self.writer.add_scalar("eval/reward_mean", mean_std.mean, step)
             save_grid(images, self.run_dir / "samples" / f"epoch-{step:04d}.png", core.num_classes)
         shared = metrics.MeanStd(*self.dist.broadcast_object(tuple(mean_std) if mean_std is not None else None))
@@ -441,7 +582,7 @@ class _Session:
             )
 
     def save(self, epoch: int, result: TrainResult) -> None:
-        """Write the epoch's checkpoint (rank 0), after every process has checked it agrees."""
+        """Write the checkpoint after ``epoch`` finished epochs (rank 0), once every process has checked it agrees."""
         algo, dist = self.algo, self.dist
         algo.check_consistent(epoch)
         env_state = algo.envs.state_dict()  # collective under torchrun: the whole batch's episodes

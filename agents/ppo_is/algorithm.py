@@ -23,6 +23,7 @@ process's to float rounding, and checkpoints resume under any process count divi
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ from .config import Config, TrainConfig
 __all__ = ["PPOIS", "ClippedUpdate", "PPOEpochStats"]
 
 _SUMS = ("loss", "approx_kl", "clipfrac", "kl_ref")
+APPROX_KL_WARNING = 0.1
+"""An update whose approx-KL to the collecting policy exceeds this gets a warning (typical runs: < 1e-3)."""
 
 
 @dataclass(kw_only=True)
@@ -108,7 +111,9 @@ class _Sums:
     def means(self, dist: Distributed) -> dict[str, float]:
         """Means over the pairs of every process."""
         totals = torch.stack([*self.sums.values(), self.count])
-        first = torch.full((1,), -1.0, device=self.device) if self.first_dev is None else self.first_dev.reshape(1).float()
+        first = (
+            torch.full((1,), -1.0, device=self.device) if self.first_dev is None else self.first_dev.reshape(1).float()
+        )
         dist.all_reduce_([totals])
         dist.all_reduce_([first], op="max")
         count = max(totals[-1].item(), 1.0)
@@ -165,10 +170,9 @@ class ClippedUpdate:
                 if chunk.numel() == 0:
                     continue
                 self._zero_grad()
-                mine = rollout.layout.owned(chunk)
+                mine, n = rollout.layout.owned(chunk), chunk.numel()
                 part = self.micro_batch.run(
-                    lambda size, mine=mine, n=chunk.numel(): self.chunk_gradient(rollout, mine, n, size),
-                    self._zero_grad,
+                    lambda size, mine=mine, n=n: self.chunk_gradient(rollout, mine, n, size), self._zero_grad
                 )
                 totals.add(part)
                 self._step(params, part.loss)
@@ -195,7 +199,9 @@ class ClippedUpdate:
             loss_per = torch.maximum(unclipped, clipped)
             if reference is not None and t.kl_coef > 0:
                 with torch.no_grad():
-                    ref = reference.evaluate(mb.x, mb.k, mb.c if reference.conditional else None, mb.x_next, mb.cond_noise)
+                    ref = reference.evaluate(
+                        mb.x, mb.k, mb.c if reference.conditional else None, mb.x_next, mb.cond_noise
+                    )
                 kl = sampling.kl_same_std(step.mean, ref.mean, step.std)
                 loss_per = loss_per + t.kl_coef * kl
                 out.sums["kl_ref"] += kl.detach().sum()
@@ -286,8 +292,17 @@ class PPOIS(Algorithm):
                 )
             )
         keep_pairs = keep[rollout.pair_trajectories()] if keep is not None else None
+        _warn_if_nothing_to_learn(rollout, epoch)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         logged = self.updater.update(rollout, keep_pairs)
+        if logged["approx_kl"] > APPROX_KL_WARNING:
+            warnings.warn(
+                f"epoch {epoch + 1}: the update moved the policy far from the one that collected the data "
+                f"(approx-KL {logged['approx_kl']:.3g}, clip fraction {logged['clipfrac']:.2f}): the importance "
+                "ratios are unreliable and the reward may fall; lower train.learning_rate",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.lr_schedule.step()
         self._update_ema()
         rewards = traj.rewards
@@ -389,3 +404,15 @@ def _build_policies(config: Config, run: RunContext) -> tuple[DiffusionPolicy, D
         add_lora(policy.unet, t.lora_rank, t.lora_alpha or None)
         policy.ensure_memory_format()
     return policy, reference
+
+
+def _warn_if_nothing_to_learn(rollout: Rollout, epoch: int) -> None:
+    """Warn when every advantage is 0: equal rewards within every group teach the policy nothing."""
+    advantages = rollout.pair_advantages if rollout.pair_advantages is not None else rollout.advantages
+    if advantages is not None and advantages.numel() and not bool(advantages.any()):
+        warnings.warn(
+            f"epoch {epoch + 1}: every advantage is 0 (the rewards within each group are equal; is the reward "
+            "constant?): this epoch's update changes nothing",
+            RuntimeWarning,
+            stacklevel=3,
+        )

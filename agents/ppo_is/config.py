@@ -1,5 +1,7 @@
-"""The PPO-IS training configuration: the shared run schema (:mod:`agents.common.config`) plus
-PPO-IS's ``train`` and ``drift`` sections and its speed options.
+"""The PPO-IS training configuration: the shared run schema plus PPO-IS's own sections.
+
+PPO-IS adds its ``train`` and ``drift`` sections and its speed options to
+:class:`~agents.common.config.RunConfig`.
 
 Every section is a pydantic model with unknown keys forbidden, so a typo or a wrong type is an
 error that names the key (``train.learning_rat: Extra inputs are not permitted``).
@@ -58,7 +60,9 @@ class TrainConfig(_Section):
     stat_buffer_size: int = Field(32, ge=1, description="per-condition tracker: rewards kept per condition")
     stat_min_count: int = Field(16, ge=1, description="per-condition tracker: rewards needed before own stats")
     kl_coef: float = Field(0.0, ge=0, description="KL(π_θ ‖ π_ref) penalty weight (0: off)")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights for evaluation/saving (0: off)")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="keep an EMA of the weights, saved as ema.safetensors per checkpoint (0: off)"
+    )
     lora_rank: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning)")
     lora_alpha: float = Field(0.0, ge=0, description="LoRA alpha (0: = rank)")
     gradient_checkpointing: bool = Field(

@@ -9,7 +9,6 @@ the key, as for PPO-IS.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field, model_validator
