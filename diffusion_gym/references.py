@@ -68,26 +68,47 @@ def _fit(images: Tensor, shape: tuple[int, int, int]) -> Tensor:
     return images.clamp(0, 1) * 2 - 1
 
 
+def _check_conditions(conditions: Tensor | np.ndarray, n: int, num_classes: int | None) -> Tensor:
+    """``conditions`` as an int64 tensor of ``n`` class ids, or a ``ValueError`` naming what is wrong."""
+    conditions = torch.as_tensor(conditions)
+    if conditions.shape != (n,):
+        raise ValueError(f"conditions must have shape ({n},), got {tuple(conditions.shape)}")
+    if conditions.is_floating_point() or conditions.is_complex() or conditions.dtype == torch.bool:
+        raise ValueError(f"conditions must be integer class ids, got dtype {conditions.dtype}")
+    high = None if num_classes is None else num_classes - 1
+    bad = (conditions < 0) if high is None else (conditions < 0) | (conditions > high)
+    if n and bool(bad.any()):
+        valid = "non-negative class ids" if high is None else f"class ids in [0, {high}]"
+        raise ValueError(f"conditions must be {valid}, got {sorted(set(conditions[bad].tolist()))}")
+    return conditions.long()
+
+
 class TensorReferences(ReferenceSource):
     """References drawn (uniformly, with replacement) from a tensor of images in ``[0, 1]``.
 
     Args:
         images: ``(N, C, H, W)`` images in ``[0, 1]``.
         sample_shape: ``(C, H, W)`` of the model; images are converted/resized to it.
-        conditions: ``(N,)`` class ids (default: all 0).
+        conditions: ``(N,)`` integer class ids (default: all 0).
+        num_classes: the model's number of classes: conditions must lie in ``[0, num_classes - 1]``
+            (``None``: not checked beyond ``>= 0``).
     """
 
-    def __init__(self, images: Tensor, sample_shape: tuple[int, int, int], conditions: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        sample_shape: tuple[int, int, int],
+        conditions: Tensor | np.ndarray | None = None,
+        num_classes: int | None = None,
+    ) -> None:
         if images.ndim != 4 or len(images) == 0:
             raise ValueError(f"references must be a non-empty (N, C, H, W) tensor, got shape {tuple(images.shape)}")
         if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
             raise ValueError("reference images must be finite and lie in [0, 1]")
-        self.images = _fit(images.float(), sample_shape)
         if conditions is None:
             conditions = torch.zeros(len(images), dtype=torch.long)
-        if conditions.shape != (len(images),):
-            raise ValueError(f"conditions must have shape ({len(images)},), got {tuple(conditions.shape)}")
-        self.conditions = conditions.long()
+        self.conditions = _check_conditions(conditions, len(images), num_classes)
+        self.images = _fit(images.float(), sample_shape)
 
     def sample(self, n: int, rng: np.random.Generator, device: str | torch.device = "cpu") -> References:
         """See :meth:`ReferenceSource.sample`."""
@@ -114,25 +135,32 @@ class FolderReferences(TensorReferences):
     Args:
         folder: the directory.
         sample_shape: ``(C, H, W)`` of the model.
+        num_classes: the model's number of classes: a class subfolder outside ``[0, num_classes - 1]``
+            is refused (naming the folder) before any image is read (``None``: not checked).
     """
 
-    def __init__(self, folder: str | Path, sample_shape: tuple[int, int, int]) -> None:
+    def __init__(self, folder: str | Path, sample_shape: tuple[int, int, int], num_classes: int | None = None) -> None:
         from PIL import Image
 
         folder = Path(folder)
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
+        conditions = [int(p.parent.name) if p.parent.name.isdigit() and p.parent != folder else 0 for p in files]
+        if num_classes is not None and max(conditions) >= num_classes:
+            bad = sorted({str(p.parent) for p, cond in zip(files, conditions, strict=True) if cond >= num_classes})
+            raise ValueError(
+                f"reference folder {folder} has class subfolders {bad} outside the model's classes "
+                f"[0, {num_classes - 1}]: name class subfolders 0 … {num_classes - 1}"
+            )
         c, h, w = sample_shape
-        images, conditions = [], []
+        images = []
         for path in files:
             with Image.open(path) as im:
                 im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BICUBIC)
                 array = np.asarray(im, dtype=np.float32) / 255.0
             images.append(torch.from_numpy(array).reshape(h, w, -1).permute(2, 0, 1))
-            parent = path.parent.name
-            conditions.append(int(parent) if parent.isdigit() and path.parent != folder else 0)
-        super().__init__(torch.stack(images), sample_shape, torch.tensor(conditions))
+        super().__init__(torch.stack(images), sample_shape, torch.tensor(conditions), num_classes)
         self.files = files
 
 
@@ -177,16 +205,18 @@ def make_references(
             :class:`ReferenceSource` (returned as is).
         sample_shape: ``(C, H, W)`` of the model.
         model_sampler: needed for ``"model"``.
-        num_classes: the model's number of classes (``None``: unconditional).
+        num_classes: the model's number of classes (``None``: unconditional); the class ids of a folder
+            or of a tensor's ``conditions`` must lie in ``[0, num_classes - 1]``.
         **kwargs: passed to :class:`TensorReferences` for a tensor (e.g. ``conditions=``).
 
     Raises:
-        ValueError: for an unknown name or a missing folder (naming the valid choices).
+        ValueError: for an unknown name or a missing folder (naming the valid choices), or class ids
+            outside the model's classes.
     """
     if isinstance(spec, ReferenceSource):
         return spec
     if isinstance(spec, Tensor):
-        return TensorReferences(spec, sample_shape, **kwargs)
+        return TensorReferences(spec, sample_shape, num_classes=num_classes, **kwargs)
     if spec == "digits":
         return DigitsReferences(sample_shape)
     if spec == "model":
@@ -194,7 +224,7 @@ def make_references(
             raise ValueError("references='model' needs a model sampler (the env provides one)")
         return ModelReferences(model_sampler, num_classes)
     if isinstance(spec, str | Path) and Path(spec).expanduser().is_dir():
-        return FolderReferences(Path(spec).expanduser(), sample_shape)
+        return FolderReferences(Path(spec).expanduser(), sample_shape, num_classes)
     raise ValueError(
         f"unknown references {spec!r}; valid choices: {list(REFERENCE_NAMES)}, an existing image folder, "
         "a tensor of images in [0, 1], or a ReferenceSource"

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -110,6 +110,45 @@ class DenoisingSchedule:
         return DenoisingSchedule(**moved)
 
 
+def _schedule_kind(scheduler: SchedulerMixin) -> str:
+    """``"ddim"`` or ``"ddpm"`` for a supported diffusers scheduler."""
+    if isinstance(scheduler, DDIMScheduler):
+        return "ddim"
+    if isinstance(scheduler, DDPMScheduler):
+        return "ddpm"
+    raise ValueError(f"unsupported scheduler {type(scheduler).__name__}; valid choices: DDIMScheduler, DDPMScheduler")
+
+
+def _check_schedule_args(config: Any, num_steps: int, eta: float) -> None:
+    """Raise ``ValueError`` for a bad prediction type, ``num_steps`` or ``eta`` (see :func:`make_schedule`)."""
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {config.prediction_type!r}; valid choices: {PREDICTION_TYPES}")
+    total = int(config.num_train_timesteps)
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= total:
+        raise ValueError(f"num_steps must be an int in [1, {total}], got {num_steps!r}")
+    # σ² = eta²·posterior variance stays <= 1 − ᾱ_prev (the mean's sqrt(1 − ᾱ_prev − σ²)) exactly when eta <= 1.
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 1:
+        raise ValueError(
+            f"eta must be a number in [0, 1], got {eta!r} (above 1, DDIM's σ² exceeds 1 − ᾱ_prev at the last steps "
+            "and the chain turns to NaN)"
+        )
+
+
+def _ddpm_std(config: Any, timesteps: Tensor, current_beta: Tensor, posterior_var: Tensor) -> Tensor:
+    """σ of each step of a DDPM chain, from the scheduler's ``variance_type`` (0 at ``t = 0``)."""
+    variance_type = config.variance_type
+    if variance_type not in DDPM_VARIANCE_TYPES:
+        raise ValueError(
+            f"unsupported DDPM variance_type {variance_type!r} (a learned variance is not a fixed-σ policy); "
+            f"valid choices: {DDPM_VARIANCE_TYPES}"
+        )
+    if variance_type == "fixed_large":
+        var = current_beta
+    else:
+        var = posterior_var.clamp(min=1e-20)  # diffusers clamps before its log
+    return torch.where(timesteps > 0, var.sqrt(), torch.zeros_like(var))  # no noise is added at t = 0
+
+
 def make_schedule(
     scheduler: SchedulerMixin,
     num_steps: int,
@@ -123,29 +162,19 @@ def make_schedule(
     Args:
         scheduler: a ``DDIMScheduler`` or ``DDPMScheduler`` (or a subclass).
         num_steps: K, the number of denoising steps (``set_timesteps(K)``).
-        eta: DDIM's eta in ``[0, ∞)``; ignored by DDPM (whose variance comes from its config).
+        eta: DDIM's eta in ``[0, 1]`` (checked for DDPM too, which ignores it: its variance comes from
+            its config). ``eta = 1`` gives σ² = the posterior variance; above 1, σ² exceeds
+            ``1 − ᾱ_prev`` and the mean's ``sqrt(1 − ᾱ_prev − σ²)`` is NaN.
         device: where the coefficient tensors live (default: CPU).
 
     Raises:
         ValueError: for an unsupported scheduler, prediction type, variance type, ``num_steps`` or
             ``eta``.
     """
-    if isinstance(scheduler, DDIMScheduler):
-        kind = "ddim"
-    elif isinstance(scheduler, DDPMScheduler):
-        kind = "ddpm"
-    else:
-        raise ValueError(
-            f"unsupported scheduler {type(scheduler).__name__}; valid choices: DDIMScheduler, DDPMScheduler"
-        )
+    kind = _schedule_kind(scheduler)
     config = scheduler.config
-    if config.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unsupported prediction_type {config.prediction_type!r}; valid choices: {PREDICTION_TYPES}")
+    _check_schedule_args(config, num_steps, eta)
     total = int(config.num_train_timesteps)
-    if not isinstance(num_steps, int) or not 1 <= num_steps <= total:
-        raise ValueError(f"num_steps must be an int in [1, {total}], got {num_steps!r}")
-    if not (isinstance(eta, int | float) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
 
     fresh = type(scheduler).from_config(config)
     fresh.set_timesteps(num_steps)
@@ -167,17 +196,7 @@ def make_schedule(
     if kind == "ddim":
         std = float(eta) * posterior_var.clamp(min=0).sqrt()
     else:
-        variance_type = config.variance_type
-        if variance_type not in DDPM_VARIANCE_TYPES:
-            raise ValueError(
-                f"unsupported DDPM variance_type {variance_type!r} (a learned variance is not a fixed-σ policy); "
-                f"valid choices: {DDPM_VARIANCE_TYPES}"
-            )
-        if variance_type == "fixed_large":
-            var = current_beta
-        else:
-            var = posterior_var.clamp(min=1e-20)  # diffusers clamps before its log
-        std = torch.where(timesteps > 0, var.sqrt(), torch.zeros_like(var))  # no noise is added at t = 0
+        std = _ddpm_std(config, timesteps, current_beta, posterior_var)
         eta = 1.0
 
     return DenoisingSchedule(

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -65,3 +67,36 @@ def test_unknown_references_name_the_choices():
         make_references("cats", SHAPE)
     with pytest.raises(ValueError, match="model sampler"):
         make_references("model", SHAPE)
+
+
+def test_folder_class_subfolders_outside_the_model_classes_are_refused(tmp_path):
+    for label in ("3", "12"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / label / "a.png")
+    with pytest.raises(
+        ValueError, match=rf"reference folder {re.escape(str(tmp_path))} has class subfolders.*12.*\[0, 9\]"
+    ):
+        make_references(tmp_path, SHAPE, num_classes=10)
+    assert sorted(make_references(tmp_path, SHAPE, num_classes=13).conditions.tolist()) == [3, 12]
+
+
+def test_env_refuses_a_reference_folder_with_a_class_the_model_lacks(tmp_path):
+    from diffusion_gym.envs import DenoiseCore
+    from diffusion_gym.models import load_model
+
+    (tmp_path / "10").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "10" / "a.png")
+    with pytest.raises(ValueError, match=r"class subfolders.*10.*\[0, 9\]"):
+        DenoiseCore(num_envs=1, model=load_model("embedded:digits"), num_steps=4, references=str(tmp_path))
+
+
+def test_tensor_reference_conditions_must_be_class_ids():
+    images = torch.rand(3, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"class ids in \[0, 9\], got \[10\]"):
+        make_references(images, SHAPE, num_classes=10, conditions=torch.tensor([0, 10, 9]))
+    with pytest.raises(ValueError, match="integer class ids, got dtype torch.float32"):
+        make_references(images, SHAPE, num_classes=10, conditions=torch.tensor([0.0, 3.7, 1.0]))
+    with pytest.raises(ValueError, match=r"non-negative class ids, got \[-1\]"):
+        make_references(images, SHAPE, conditions=torch.tensor([0, -1, 1]))
+    refs = make_references(images, SHAPE, num_classes=10, conditions=np.array([1, 2, 3], np.int32))
+    assert refs.conditions.dtype == torch.int64 and refs.conditions.tolist() == [1, 2, 3]

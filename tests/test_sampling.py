@@ -214,3 +214,20 @@ def test_deterministic_chain_needs_no_noise_but_a_stochastic_one_does():
     for start, stop in ((-1, None), (3, 2), (0, K + 1)):
         with pytest.raises(ValueError, match=f"start={start}"):
             sampling.denoise_chain(_toy_denoiser, x, eta0, start=start, stop=stop)
+
+
+@pytest.mark.parametrize("config_name", sorted(CONFIGS))
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_eta_one_keeps_the_ddim_mean_real_and_eta_above_one_is_rejected(config_name, set_alpha_to_one):
+    ddim = _ddim(CONFIGS[config_name], set_alpha_to_one=set_alpha_to_one)
+    for num_steps in (1, 2, 10, 40, 1000):
+        schedule = sampling.make_schedule(ddim, num_steps, eta=1.0)
+        # the mean's sqrt(1 − ᾱ_prev − σ²), as _mean_from computes it in float32: never NaN at eta = 1
+        assert bool((1 - schedule.alpha_prod_prev - schedule.std**2 >= 0).all())
+        if set_alpha_to_one:  # why 1.01 is refused: σ²/(1 − ᾱ_prev) = eta²·(1 − ᾱ/ᾱ_prev)/(1 − ᾱ) reaches eta² > 1
+            ratio = (1 - schedule.alpha_prod / schedule.alpha_prod_prev) / (1 - schedule.alpha_prod)
+            assert float(ratio.max()) > 1 / 1.01**2
+    for eta in (1.01, -0.1, float("inf"), True, "1"):
+        with pytest.raises(ValueError, match=rf"eta must be a number in \[0, 1\], got {eta!r}"):
+            sampling.make_schedule(ddim, K, eta=eta)
+    sampling.make_schedule(ddim, K, eta=0)  # an int is fine

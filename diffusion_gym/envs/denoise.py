@@ -82,6 +82,63 @@ class Shard:
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
 
+def _is_int(value: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_core_args(
+    *, num_envs: int, start_mode: str, shard: Shard | None, info_x0: bool, samples_per_reference: int, probe_size: int
+) -> None:
+    """Raise a ``ValueError`` (``TypeError`` for a wrong type) naming a bad :class:`DenoiseCore` argument."""
+    if not _is_int(num_envs) or num_envs < 1:
+        raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+    if start_mode not in START_MODES:
+        raise ValueError(f"unknown start_mode {start_mode!r}; valid choices: {list(START_MODES)}")
+    if shard is not None and not isinstance(shard, Shard):
+        raise TypeError(f"shard must be a diffusion_gym.envs.Shard or None, got {shard!r}")
+    if shard is not None and start_mode != "shared":
+        raise ValueError(
+            f"a sharded env needs start_mode='shared' (got {start_mode!r}): episodes of a shared-start "
+            "batch end together, so every process resets the same global batch at the same step"
+        )
+    if not isinstance(info_x0, bool):
+        raise TypeError(f"info_x0 must be a bool, got {info_x0!r}")
+    for name, value in (("samples_per_reference", samples_per_reference), ("probe_size", probe_size)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_condition(condition: Any, num_classes: int | None) -> int:
+    """``condition`` as a class id, or a ``ValueError`` naming it and the valid range.
+
+    Accepts Python and numpy integers (and whole floats such as ``3.0``, and 0-d integer tensors);
+    rejects bools, floats that are not whole (``3.7`` would otherwise silently become class 3),
+    strings and out-of-range ids. An unconditional model (``num_classes=None``) takes 0 only.
+
+    Args:
+        condition: the class id a user asked for (e.g. ``reset(options={"condition": c})``).
+        num_classes: the model's number of classes, ``None`` for an unconditional model.
+    """
+    high = 0 if num_classes is None else num_classes - 1
+    valid = f"[0, {high}]" + (" (an unconditional model takes condition 0 only)" if num_classes is None else "")
+    value = condition
+    if isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value.item())
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        value = int(value)
+    if not _is_int(value) or not 0 <= value <= high:
+        raise ValueError(f"condition must be an integer class id in {valid}, got {condition!r}")
+    return int(value)
+
+
+def _numpy_actions(actions: np.ndarray, expected: tuple[int, ...], device: torch.device) -> Tensor:
+    """A numpy batch of actions (e.g. a sample of the vector env's action space) as a tensor on ``device``."""
+    if actions.dtype.kind != "f":
+        raise ValueError(f"actions must be a floating-point array of shape {expected}, got dtype {actions.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(actions)).to(device)
+
+
 class DenoiseCore:
     """The batched state machine behind both envs: ``B`` episodes as torch tensors on one device.
 
@@ -111,25 +168,17 @@ class DenoiseCore:
         shard: Shard | None = None,
         info_x0: bool = False,
     ) -> None:
-        if not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
-        if start_mode not in START_MODES:
-            raise ValueError(f"unknown start_mode {start_mode!r}; valid choices: {list(START_MODES)}")
-        if shard is not None and not isinstance(shard, Shard):
-            raise TypeError(f"shard must be a diffusion_gym.envs.Shard or None, got {shard!r}")
-        if shard is not None and start_mode != "shared":
-            raise ValueError(
-                f"a sharded env needs start_mode='shared' (got {start_mode!r}): episodes of a shared-start "
-                "batch end together, so every process resets the same global batch at the same step"
-            )
+        _check_core_args(
+            num_envs=num_envs,
+            start_mode=start_mode,
+            shard=shard,
+            info_x0=info_x0,
+            samples_per_reference=samples_per_reference,
+            probe_size=probe_size,
+        )
         self.shard = shard
-        if not isinstance(info_x0, bool):
-            raise TypeError(f"info_x0 must be a bool, got {info_x0!r}")
         self.info_x0 = info_x0
         self.last_x0: Tensor | None = None
-        for name, value in (("samples_per_reference", samples_per_reference), ("probe_size", probe_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.device = torch.device(device)
         self.num_envs = num_envs
         self.global_num_envs = num_envs * (shard.world_size if shard is not None else 1)
@@ -258,6 +307,10 @@ class DenoiseCore:
         With a :class:`Shard`, the draws are those of the whole global batch and this core keeps its
         block, so ``indices`` must be all envs (a shared-start batch ends everywhere at once).
         """
+        if condition is not None:
+            condition = check_condition(condition, self.num_classes)
+        if start_step is not None and (not _is_int(start_step) or not 0 <= start_step < self.num_steps):
+            raise ValueError(f"start_step must be an int in [0, {self.num_steps - 1}], got {start_step!r}")
         idx = np.arange(self.num_envs) if indices is None else np.asarray(indices)
         if self.shard is not None and len(idx) != self.num_envs:
             raise ValueError(f"a sharded env starts whole batches only: got {len(idx)} of {self.num_envs} env indices")
@@ -269,8 +322,6 @@ class DenoiseCore:
             noise = torch.randn((self.probe_size, *self.sample_shape), generator=generator).to(self.device)
             probe = self.probe(refs.images, refs.conditions, noise)
         if start_step is not None:
-            if not isinstance(start_step, int | np.integer) or not 0 <= start_step < self.num_steps:
-                raise ValueError(f"start_step must be an int in [0, {self.num_steps - 1}], got {start_step!r}")
             steps = np.full(n, int(start_step), dtype=np.int64)
         elif self.start_mode == "shared":
             steps = np.repeat(self.window.next_batch(1, rng, probe), n)
@@ -280,9 +331,6 @@ class DenoiseCore:
             while self._episodes_since_batch >= self.num_envs:
                 self._episodes_since_batch -= self.num_envs
                 self.window.count_batch()
-        if condition is not None and (self.num_classes is None or not 0 <= condition < self.num_classes):
-            valid = "[0]" if self.num_classes is None else f"[0, {self.num_classes - 1}]"
-            raise ValueError(f"condition must lie in {valid}, got {condition!r}")
 
         noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
         k0 = torch.from_numpy(steps).to(self.device)
@@ -316,9 +364,13 @@ class DenoiseCore:
     def check_actions(self, actions: Tensor) -> None:
         """Raise a clear error for actions of the wrong shape/dtype or with NaN/Inf/out-of-bound values."""
         expected = (self.num_envs, *self.sample_shape)
-        if not isinstance(actions, Tensor) or actions.shape != expected:
-            got = tuple(actions.shape) if hasattr(actions, "shape") else type(actions).__name__
-            raise ValueError(f"action must be a float tensor of shape {expected}, got {got}")
+        if not isinstance(actions, Tensor):
+            kind = type(actions)
+            raise ValueError(
+                f"action must be a torch.Tensor of shape {expected}, got {kind.__module__}.{kind.__name__}"
+            )
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"action must be a tensor of shape {expected}, got shape {tuple(actions.shape)}")
         if not actions.is_floating_point():
             raise ValueError(f"action must be a floating-point tensor, got dtype {actions.dtype}")
         if not bool(torch.isfinite(actions).all()):
@@ -608,7 +660,8 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
     """``num_envs`` denoising episodes as one batch of torch tensors (native vector env).
 
     Everything stays on ``device``: observations are dicts of tensors (``"c"``, ``"t"``: ``(B,)``
-    int64; ``"x_t"``: ``(B, C, H, W)`` float32), actions a ``(B, C, H, W)`` tensor, rewards a
+    int64; ``"x_t"``: ``(B, C, H, W)`` float32), actions a ``(B, C, H, W)`` tensor (a float numpy array,
+    such as a sample of ``action_space``, is accepted and moved to the device), rewards a
     ``(B,)`` float32 tensor, terminations and truncations ``(B,)`` bool tensors. The reward is
     computed once per batch, for all envs that finish at a step.
 
@@ -702,11 +755,18 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
         self._begin(self.np_random, options)
         return self.core.observation(), self._info()
 
-    def step(self, actions: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, dict[str, Any]]:
-        """Take ``x_{t-1} = actions`` in every env (a ``(B, C, H, W)`` tensor)."""
+    def step(self, actions: Tensor | np.ndarray) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, dict[str, Any]]:
+        """Take ``x_{t-1} = actions`` in every env.
+
+        Args:
+            actions: a ``(B, C, H, W)`` float tensor, or a float numpy array of that shape (e.g. a sample
+                of :attr:`action_space`, as Gymnasium's vector envs take), which is moved to the env's device.
+        """
         core = self.core
         if not core.started:
             raise RuntimeError("call reset() before step()")
+        if isinstance(actions, np.ndarray):
+            actions = _numpy_actions(actions, (self.num_envs, *core.sample_shape), self.device)
         if self.check:
             core.check_actions(actions)
         rewards, terminated = core.advance(actions)
