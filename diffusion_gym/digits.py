@@ -1,7 +1,9 @@
-"""The embedded offline world: scikit-learn's bundled digits and a small digit classifier.
+"""The embedded offline world: the UCI hand-written digits and a small digit classifier.
 
-The 1,797 images of :func:`sklearn.datasets.load_digits` (8×8, intensities 0–16) are upsampled to
-16×16 and used to train the embedded class-conditional DDPM (``"embedded:digits"``). The
+The 1,797 images of scikit-learn's ``load_digits`` (8×8, intensities 0–16; the test set of the UCI
+optdigits data), shipped as ``assets/digits/digits.npz`` (see the README there for their source and
+licence; scikit-learn is not needed), are upsampled to 16×16 and used to train the embedded
+class-conditional DDPM (``"embedded:digits"``). The
 :class:`DigitClassifier` is the offline stand-in for InceptionV3: its class probabilities give an
 Inception Score and its penultimate features an embedding for the Vendi score.
 
@@ -21,12 +23,14 @@ from torch import nn
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_DIR = ASSETS_DIR / "digits-classifier"
+DIGITS_ARRAY = ASSETS_DIR / "digits" / "digits.npz"
+"""The shipped digits: ``images`` ``(1797, 8, 8)`` uint8 in 0–16 and ``labels`` ``(1797,)`` uint8."""
 DIGITS_SIZE = 16
 NUM_CLASSES = 10
 
 
 def load_digits_dataset(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load scikit-learn's bundled digits as a tensor of images.
+    """Load the shipped digits (:data:`DIGITS_ARRAY`, scikit-learn's ``load_digits``) as a tensor of images.
 
     Args:
         size: side of the returned images; the 8×8 originals are upsampled bilinearly.
@@ -34,14 +38,21 @@ def load_digits_dataset(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Te
     Returns:
         ``(images, labels)``: images ``(1797, 1, size, size)`` float32 in ``[0, 1]`` and labels
         ``(1797,)`` int64 in ``0..9``.
-    """
-    from sklearn.datasets import load_digits
 
-    data = load_digits()
-    images = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)
+    Raises:
+        FileNotFoundError: when the array is missing from the installation.
+    """
+    if not DIGITS_ARRAY.is_file():
+        raise FileNotFoundError(
+            f"the digits array {DIGITS_ARRAY} is missing: reinstall diffusion-gym, or rebuild it with "
+            "`python scripts/make_digits_asset.py` (needs scikit-learn)"
+        )
+    with np.load(DIGITS_ARRAY, allow_pickle=False) as data:
+        pixels, labels = data["images"], data["labels"]
+    images = torch.from_numpy(pixels.astype(np.float32) / 16.0).unsqueeze(1)
     if size != images.shape[-1]:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return images.clamp(0.0, 1.0), torch.from_numpy(data.target.astype(np.int64))
+    return images.clamp(0.0, 1.0), torch.from_numpy(labels.astype(np.int64))
 
 
 def split_indices(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
