@@ -4,7 +4,7 @@ Rolls out full batches through ``DiffusionDenoiseVectorEnv`` with the UNet as th
 times, in the same run, the UNet calls alone. The overhead share is ``1 − UNet time / total time``:
 everything else — the policy math (mean, std, sampling, log-prob), the env's step, observation
 copies, the batched JPEG reward and the autoreset with references — counted against the env.
-Target (issue 4): ≤ 10% on CPU. Run::
+Target: ≤ 10% on CPU. Run::
 
     python benchmarks/env_overhead.py [--num-envs 64] [--steps 40] [--batches 3] [--window hrf]
 """

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from diffusion_gym.models import MissingWeightsError
 
+from .extras import require
+
 __all__ = [
     "CLIP_EMBED_DIM",
     "CLIP_IMAGE_SIZE",
@@ -104,6 +106,7 @@ def clip_hub_files() -> list[tuple[str, str]]:
     ``timm/vit_large_patch14_clip_224.openai``); as open_clip does, the safetensors file is preferred
     to the pickled one.
     """
+    require("open_clip", "clip", "the CLIP image encoder (laion_aesthetic, CLIP metrics)")
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
     from open_clip.pretrained import get_pretrained_cfg
 
@@ -156,7 +159,7 @@ def _resolve_clip_weights(clip_weights: str | os.PathLike[str] | None, cache: st
 
 def _build_clip_visual(checkpoint: str | None, quick_gelu: bool) -> nn.Module:
     """open_clip's ViT-L-14 image tower, from a checkpoint or randomly initialised."""
-    import open_clip
+    open_clip = require("open_clip", "clip", "the CLIP image encoder (laion_aesthetic, CLIP metrics)")
 
     if checkpoint is None:
         try:  # only the image tower: half the time and memory of the full CLIP model

@@ -130,7 +130,7 @@ class WindowStrategy(ABC):
         self.batches = int(state["batches"])
 
     def describe(self) -> str:
-        """A short human-readable description (logged by trainers)."""
+        """A short human-readable description (the trainers' start-up summary shows it)."""
         return type(self).__name__
 
 

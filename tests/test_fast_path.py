@@ -1,4 +1,4 @@
-"""The fast path (issue 8): channels_last, bf16 autocast, gradient checkpointing, device-side policy
+"""The fast path: channels_last, bf16 autocast, gradient checkpointing, device-side policy
 noise, torch.compile. Each option must leave the policy math unchanged (up to float rounding).
 
 CPU tests run on the embedded digits model with compile off. The GPU tests (skipped without CUDA)

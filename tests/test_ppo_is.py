@@ -173,3 +173,34 @@ def test_lora_trains_adapters_only_exports_merged_weights_and_resumes_exactly(tm
     train(_config("num_epochs=2", *lora), run_dir=tmp_path / "b", resume=tmp_path / "b", progress=False)
     resumed = _weights(tmp_path / "b")
     assert all(torch.equal(merged[k], resumed[k]) for k in merged)
+
+
+def test_an_optimizer_step_that_makes_nan_weights_is_never_saved(tmp_path, monkeypatch):
+    """The loss and gradient were finite, the step itself made NaN weights: stop, keep the last checkpoint."""
+    train(_config("num_epochs=1"), run_dir=tmp_path, progress=False)
+    good = latest_checkpoint(tmp_path)
+    real_step = torch.optim.AdamW.step
+
+    def poisoned(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(TrainingDivergedError, match="weights are NaN/Inf"):
+        train(_config("num_epochs=3"), run_dir=tmp_path, resume=tmp_path, progress=False)
+    assert latest_checkpoint(tmp_path) == good and good.name == "epoch-000001"
+
+
+def test_a_constant_reward_and_a_runaway_update_are_warned_about(tmp_path):
+    from diffusion_gym import rewards
+
+    rewards.register_reward("test_constant", lambda **kwargs: lambda images, c=None: images.new_zeros(len(images)))
+    try:
+        with pytest.warns(RuntimeWarning, match="every advantage is 0"):
+            train(_config("num_epochs=1", "env.reward=test_constant"), run_dir=tmp_path / "c", progress=False)
+    finally:
+        rewards.registry._REGISTRY.pop("test_constant", None)
+    with pytest.warns(RuntimeWarning, match="approx-KL"):
+        train(_config("num_epochs=1", "train.learning_rate=0.5"), run_dir=tmp_path / "k", progress=False)

@@ -168,7 +168,8 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 anchor = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
                 base = ".".join([*anchor, *([base] if base else [])])
-            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            # `from pkg import module` depends on the module; `from pkg import name` on pkg itself
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
@@ -215,3 +216,19 @@ def test_no_import_cycles_and_the_env_library_never_imports_the_agents():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+# ---- optional features say which extra installs them ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("module", "extra", "use"),
+    [
+        ("peft", "lora", lambda: __import__("agents.common.policy").common.policy.add_lora(torch.nn.Linear(2, 2), 2)),
+        ("open_clip", "clip", lambda: __import__("diffusion_gym.nets").nets.clip_hub_files()),
+    ],
+)
+def test_a_missing_optional_package_names_its_extra(monkeypatch, module, extra, use):
+    from diffusion_gym.extras import MissingExtraError
+
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # as if it were not installed
+    with pytest.raises(MissingExtraError, match=rf"pip install 'diffusion-gym\[{extra}\]'"):
+        use()

@@ -51,7 +51,13 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> nn.Modul
     """Freeze ``unet`` and inject LoRA adapters (peft) into :data:`LORA_TARGETS`, in place.
 
     The adapters start at zero (``B = 0``), so the adapted UNet equals the base one until trained.
+
+    Raises:
+        MissingExtraError: when peft is not installed (``pip install 'diffusion-gym[lora]'``).
     """
+    from diffusion_gym.extras import require
+
+    require("peft", "lora", "LoRA (train.lora_rank > 0)")
     from peft import LoraConfig, inject_adapter_in_model
 
     unet.requires_grad_(False)
@@ -59,13 +65,6 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> nn.Modul
         r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
     )
     return inject_adapter_in_model(config, unet)
-
-
-def has_lora(unet: nn.Module) -> bool:
-    """Whether ``unet`` carries peft LoRA layers."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:

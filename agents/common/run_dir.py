@@ -24,6 +24,7 @@ __all__ = [
     "MUTABLE_ON_RESUME",
     "RUN_MARKERS",
     "check_resume_config",
+    "check_run_dir",
     "checkpoint_run_dir",
     "config_for_resume",
     "holds_a_run",
@@ -110,26 +111,39 @@ def config_for_resume(saved: dict[str, Any], overrides: list[str], schema: type[
     return validate_config(schema, data, "<checkpoint config>")
 
 
-def prepare_run_dir(run_dir: Path, *, resuming: Path | None, overwrite: bool) -> None:
-    """Make ``run_dir`` ready for a run, refusing to touch another run's files.
+def _another_run(run_dir: Path, resuming: Path | None) -> bool:
+    same_run = resuming is not None and run_dir.exists() and os.path.samefile(run_dir, resuming)
+    return run_dir.exists() and holds_a_run(run_dir) and not same_run
+
+
+def check_run_dir(run_dir: Path, *, resuming: Path | None, overwrite: bool) -> None:
+    """Refuse ``run_dir`` when it holds another run and ``overwrite`` is off (nothing is written).
 
     Args:
         run_dir: the run directory.
         resuming: the run directory of the checkpoint being resumed (``None`` for a fresh run).
-        overwrite: delete another run found in ``run_dir`` first.
+        overwrite: whether another run found there may be replaced.
+
+    Raises:
+        ConfigError: naming ``--resume`` and ``--overwrite``.
+    """
+    if _another_run(run_dir, resuming) and not overwrite:
+        found = [marker for marker in RUN_MARKERS if (run_dir / marker).exists()]
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run ({', '.join(found)}): "
+            f"continue it with --resume {run_dir}, replace it with --overwrite, or choose another --run-dir "
+            "(or run_name)"
+        )
+
+
+def prepare_run_dir(run_dir: Path, *, resuming: Path | None, overwrite: bool) -> None:
+    """Make ``run_dir`` ready for a run: :func:`check_run_dir`, then delete the replaced run's files.
 
     Raises:
         ConfigError: when ``run_dir`` holds another run and ``overwrite`` is off.
     """
-    same_run = resuming is not None and run_dir.exists() and os.path.samefile(run_dir, resuming)
-    if run_dir.exists() and holds_a_run(run_dir) and not same_run:
-        if not overwrite:
-            found = [marker for marker in RUN_MARKERS if (run_dir / marker).exists()]
-            raise ConfigError(
-                f"run directory {run_dir} already holds a run ({', '.join(found)}): "
-                f"continue it with --resume {run_dir}, replace it with --overwrite, or choose another --run-dir "
-                "(or run_name)"
-            )
+    check_run_dir(run_dir, resuming=resuming, overwrite=overwrite)
+    if _another_run(run_dir, resuming):
         for marker in (*RUN_MARKERS, "tb", "samples"):
             target = run_dir / marker
             if target.is_dir():

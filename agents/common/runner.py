@@ -40,7 +40,7 @@ from .checkpoint import save_checkpoint as _save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .distributed import DEFAULT_TIMEOUT_S, Distributed, init_distributed
 from .policy import DiffusionPolicy
-from .run_dir import check_resume_config, checkpoint_run_dir, prepare_run_dir
+from .run_dir import check_resume_config, check_run_dir, checkpoint_run_dir, prepare_run_dir
 
 __all__ = [
     "Algorithm",
@@ -343,7 +343,8 @@ class OnPolicyRunner:
         finally:
             dist.shutdown()
 
-    def _prepare_run_dir(self, dist: Distributed, checkpoint: Checkpoint | None) -> Path:
+    def _choose_run_dir(self, dist: Distributed, checkpoint: Checkpoint | None) -> Path:
+        """The run directory, refused now if another run holds it (nothing is written yet)."""
         config = self.config
         if self.run_dir is not None:
             chosen = Path(self.run_dir)
@@ -353,6 +354,13 @@ class OnPolicyRunner:
             name = config.run_name or time.strftime(f"{config.algo.replace('-', '_')}-%Y%m%d-%H%M%S")
             chosen = Path(config.logdir) / name
         run_dir = dist.broadcast_object(chosen)
+        resuming = checkpoint_run_dir(checkpoint) if checkpoint is not None else None
+        check_run_dir(run_dir, resuming=resuming, overwrite=self.overwrite)
+        return run_dir
+
+    def _write_run_dir(self, dist: Distributed, run_dir: Path, checkpoint: Checkpoint | None) -> None:
+        """Take the run directory (once the model and algorithm are built): replace another run, write the config."""
+        config = self.config
         if dist.is_main:
             resuming = checkpoint_run_dir(checkpoint) if checkpoint is not None else None
             prepare_run_dir(run_dir, resuming=resuming, overwrite=self.overwrite)
@@ -360,7 +368,6 @@ class OnPolicyRunner:
             tmp.write_text(dump_config(config))
             tmp.replace(run_dir / "config.yaml")
         dist.barrier()
-        return run_dir
 
     def _load_resume(self) -> Checkpoint | None:
         if self.resume is None:
@@ -381,8 +388,8 @@ class OnPolicyRunner:
 
     def _run(self, dist: Distributed, device: str) -> TrainResult:
         config = self.config
-        checkpoint = self._load_resume()  # before anything is written: a refused resume leaves no trace
-        run_dir = self._prepare_run_dir(dist, checkpoint)
+        checkpoint = self._load_resume()  # before anything is written: a refused run leaves no trace
+        run_dir = self._choose_run_dir(dist, checkpoint)
         if device != config.device:  # under torchrun each process drives cuda:<LOCAL_RANK>
             config = config.model_copy(update={"device": device})
         seed_everything(config.seed)
@@ -391,12 +398,14 @@ class OnPolicyRunner:
         schedule = sampling.make_schedule(loaded.scheduler, s.num_steps, eta=s.eta, device=config.device)
         generator = torch.Generator().manual_seed(config.seed)
         algo = self.algorithm_class(config, RunContext(config, loaded, schedule, dist, generator))
+        self._write_run_dir(dist, run_dir, checkpoint)
         progress = Progress(algo.name.upper(), enabled=self.progress and dist.is_main)
         self._session = _Session(config, run_dir, algo, dist, loaded, progress)
         result = TrainResult(run_dir=run_dir)
         start = self._restore(checkpoint, result) if checkpoint is not None else 0
         last = config.num_epochs if self.stop_after is None else min(config.num_epochs, start + self.stop_after)
-        progress.log(describe_run(config, run_dir, start, last, resumed=checkpoint is not None))
+        window = algo.envs.window.describe()
+        progress.log(describe_run(config, window, run_dir, start, last, resumed=checkpoint is not None))
         if checkpoint is None:
             self._begin(result)
         progress.start(start, last, config.num_epochs)
@@ -450,10 +459,9 @@ class OnPolicyRunner:
         return stats
 
 
-def describe_run(config: Any, run_dir: Path, start: int, last: int, resumed: bool) -> str:
+def describe_run(config: Any, window: str, run_dir: Path, start: int, last: int, resumed: bool) -> str:
     """The start-up summary: what trains on what, how much per epoch, where it is written."""
     s = config.sample
-    window = config.env.window if isinstance(config.env.window, str) else f"clusters {config.env.window}"
     first = f"resuming after epoch {start}" if resumed else "starting"
     return (
         f"{config.algo} on {config.model} ({config.device}), reward {config.env.reward}, window {window}: "

@@ -12,8 +12,12 @@
 See ``examples/sb3_ppo.py`` for settings that learn on the embedded model in minutes.
 """
 
-from .policy import DiffusionActorCriticPolicy, PixelMeanGaussian, ValueNet, WarmupSchedule
-from .vec_env import DiffusionVecEnv, GroupStandardizedReward
+from diffusion_gym.extras import require
+
+require("stable_baselines3", "sb3", "agents.sb3 (the Stable-Baselines3 adapter)")
+
+from .policy import DiffusionActorCriticPolicy, PixelMeanGaussian, ValueNet, WarmupSchedule  # noqa: E402
+from .vec_env import DiffusionVecEnv, GroupStandardizedReward  # noqa: E402
 
 __all__ = [
     "DiffusionActorCriticPolicy",

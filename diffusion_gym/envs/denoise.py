@@ -139,6 +139,14 @@ def _numpy_actions(actions: np.ndarray, expected: tuple[int, ...], device: torch
     return torch.from_numpy(np.ascontiguousarray(actions)).to(device)
 
 
+def _parse_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, with one clear error for a string torch does not read."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device; valid choices: 'cpu', 'cuda', 'cuda:N'") from None
+
+
 class DenoiseCore:
     """The batched state machine behind both envs: ``B`` episodes as torch tensors on one device.
 
@@ -179,7 +187,7 @@ class DenoiseCore:
         self.shard = shard
         self.info_x0 = info_x0
         self.last_x0: Tensor | None = None
-        self.device = torch.device(device)
+        self.device = _parse_device(device)
         self.num_envs = num_envs
         self.global_num_envs = num_envs * (shard.world_size if shard is not None else 1)
         self.start_mode = start_mode

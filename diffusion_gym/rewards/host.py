@@ -19,8 +19,43 @@ from diffusion_gym.rewards.registry import RewardFn
 
 __all__ = ["host_reward", "reward_async", "runs_on_host"]
 
-_reward_worker: ThreadPoolExecutor | None = None
-_reward_worker_lock = threading.Lock()
+
+class LazyThreadPool:
+    """A thread pool started at its first use, resizable, and forgotten in a forked child.
+
+    A forked child inherits the pool object but not its threads, so it starts a fresh pool there.
+
+    Args:
+        workers: threads in the pool.
+        name: the threads' name prefix.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.workers, self.name = workers, name
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._pool, self._lock = None, threading.Lock()
+
+    def get(self) -> ThreadPoolExecutor:
+        """The pool, started now if it is not running."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.name)
+            return self._pool
+
+    def resize(self, workers: int) -> None:
+        """Use ``workers`` threads from the next :meth:`get` on (the old pool finishes its work first)."""
+        with self._lock:
+            old, self._pool, self.workers = self._pool, None, workers
+        if old is not None:
+            old.shutdown(wait=True)
+
+
+_reward_worker = LazyThreadPool(1, "diffusion_gym-reward")  # one thread: batches are scored in submission order
 
 
 def host_reward(fn: RewardFn) -> RewardFn:
@@ -59,24 +94,6 @@ def _host_snapshot(value: Any) -> Any:
         return value.clone()
     host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
     return host.copy_(value, non_blocking=True)
-
-
-def _forget_worker_after_fork() -> None:
-    # A forked child inherits the executor object but not its thread: start a fresh one there.
-    global _reward_worker, _reward_worker_lock
-    _reward_worker, _reward_worker_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_worker_after_fork)
-
-
-def _get_reward_worker() -> ThreadPoolExecutor:
-    global _reward_worker
-    with _reward_worker_lock:
-        if _reward_worker is None:  # one thread: batches are scored in submission order
-            _reward_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusion_gym-reward")
-        return _reward_worker
 
 
 def reward_async(
@@ -125,4 +142,4 @@ def reward_async(
             event.synchronize()  # this thread waits for the copies; the caller's stream keeps running
         return reward_fn(images, conditions)
 
-    return _get_reward_worker().submit(score)
+    return _reward_worker.get().submit(score)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from diffusion_gym.rewards.host import host_reward
+from diffusion_gym.rewards.host import LazyThreadPool, host_reward
 from diffusion_gym.rewards.registry import RewardFn
 
 __all__ = [
@@ -35,9 +33,7 @@ JPEG_QUALITY = 95
 JPEG_QUALITY_RANGE = (1, 100)
 """The qualities the JPEG rewards accept (PIL takes 0-100 and advises against more than 95)."""
 
-_jpeg_pool: ThreadPoolExecutor | None = None
-_jpeg_pool_size: int = min(8, os.cpu_count() or 1)
-_jpeg_pool_lock = threading.Lock()
+_jpeg_pool = LazyThreadPool(min(8, os.cpu_count() or 1), "diffusion_gym-jpeg")
 
 
 def set_jpeg_workers(num_workers: int) -> None:
@@ -52,31 +48,9 @@ def set_jpeg_workers(num_workers: int) -> None:
     Raises:
         ValueError: if ``num_workers`` < 1.
     """
-    global _jpeg_pool, _jpeg_pool_size
     if int(num_workers) < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    with _jpeg_pool_lock:
-        old, _jpeg_pool, _jpeg_pool_size = _jpeg_pool, None, int(num_workers)
-    if old is not None:
-        old.shutdown(wait=True)
-
-
-def _forget_pool_after_fork() -> None:
-    # A forked child inherits the pool object but not its threads: start a fresh pool there.
-    global _jpeg_pool, _jpeg_pool_lock
-    _jpeg_pool, _jpeg_pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-def _get_jpeg_pool() -> ThreadPoolExecutor:
-    global _jpeg_pool
-    with _jpeg_pool_lock:
-        if _jpeg_pool is None:
-            _jpeg_pool = ThreadPoolExecutor(max_workers=_jpeg_pool_size, thread_name_prefix="diffusion_gym-jpeg")
-        return _jpeg_pool
+    _jpeg_pool.resize(int(num_workers))
 
 
 def _encoded_jpeg_bytes(pixels: np.ndarray, quality: int) -> int:
@@ -111,10 +85,10 @@ def jpeg_size_kb(images: Tensor, quality: int = JPEG_QUALITY) -> Tensor:
         arrays = [np.ascontiguousarray(p[0]) for p in pixels]  # (H, W) -> mode "L"
     else:
         arrays = [np.ascontiguousarray(p.transpose(1, 2, 0)) for p in pixels]  # (H, W, 3) -> "RGB"
-    if len(arrays) <= 1 or _jpeg_pool_size <= 1:
+    if len(arrays) <= 1 or _jpeg_pool.workers <= 1:
         sizes = [_encoded_jpeg_bytes(a, quality) for a in arrays]
     else:
-        sizes = list(_get_jpeg_pool().map(_encoded_jpeg_bytes, arrays, [quality] * len(arrays)))
+        sizes = list(_jpeg_pool.get().map(_encoded_jpeg_bytes, arrays, [quality] * len(arrays)))
     return torch.tensor([s / 1000 for s in sizes], dtype=torch.float32, device=images.device)
 
 
@@ -130,24 +104,27 @@ def _checked_quality(quality: Any) -> int:
     raise ValueError(f"JPEG quality must be an integer in [{low}, {high}], got {quality!r}")
 
 
+def _jpeg_reward(sign: float, name: str, quality: int) -> RewardFn:
+    """``sign ×`` JPEG size in kB, as a host reward named ``name``."""
+    quality = _checked_quality(quality)
+
+    def reward(images: Tensor, conditions: Any = None) -> Tensor:
+        return sign * jpeg_size_kb(images, quality)
+
+    reward.__name__ = reward.__qualname__ = name
+    return host_reward(reward)
+
+
 def jpeg_incompressibility(quality: int = JPEG_QUALITY) -> RewardFn:
     """Reward = +JPEG size in kB (larger files score higher); conditions are ignored.
 
     Args:
         quality: JPEG quality, an integer in ``[1, 100]`` (95 in DDPO).
 
-    Returns:
-        The reward function.
-
     Raises:
         ValueError: if ``quality`` is not an integer in ``[1, 100]``.
     """
-    quality = _checked_quality(quality)
-
-    def jpeg_incompressibility_reward(images: Tensor, conditions: Any = None) -> Tensor:
-        return jpeg_size_kb(images, quality)
-
-    return host_reward(jpeg_incompressibility_reward)
+    return _jpeg_reward(1.0, "jpeg_incompressibility_reward", quality)
 
 
 def jpeg_compressibility(quality: int = JPEG_QUALITY) -> RewardFn:
@@ -156,15 +133,7 @@ def jpeg_compressibility(quality: int = JPEG_QUALITY) -> RewardFn:
     Args:
         quality: JPEG quality, an integer in ``[1, 100]`` (95 in DDPO).
 
-    Returns:
-        The reward function.
-
     Raises:
         ValueError: if ``quality`` is not an integer in ``[1, 100]``.
     """
-    quality = _checked_quality(quality)
-
-    def jpeg_compressibility_reward(images: Tensor, conditions: Any = None) -> Tensor:
-        return -jpeg_size_kb(images, quality)
-
-    return host_reward(jpeg_compressibility_reward)
+    return _jpeg_reward(-1.0, "jpeg_compressibility_reward", quality)
