@@ -78,4 +78,19 @@ def test_the_array_is_package_data_and_scikit_learn_no_dependency():
     assert DIGITS_ARRAY in shipped and DIGITS_ARRAY.with_name("README.md") in shipped
     requirements = [r.replace(" ", "").lower() for r in project["project"]["dependencies"]]
     assert not any(r.startswith(("scikit-learn", "sklearn")) for r in requirements)
-    assert "gymnasium>=1.1" in requirements
+    assert "gymnasium>=1.4" in requirements  # AutoresetMode needs >= 1.1; 1.4 is what CI installs and tests
+
+
+def test_every_declared_floor_is_met_by_what_ci_installs():
+    """The dependency floors (set to the versions CI installed when they were written) are met here."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = [r for group in ("lora", "clip", "sb3") for r in project["optional-dependencies"][group]]
+    for text in [*project["dependencies"], *extras]:
+        requirement = Requirement(text)
+        installed = version(requirement.name)
+        assert requirement.specifier.contains(installed), f"{text}: installed {installed}"
