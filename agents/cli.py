@@ -85,7 +85,8 @@ def _add_sample(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint",
         default=None,
         metavar="PATH",
-        help="a training checkpoint (or run directory: its latest checkpoint); overrides --model",
+        help="a training run directory (its latest checkpoint), its checkpoints/ or one checkpoint, verified before "
+        "loading; overrides --model (which refuses training runs)",
     )
     p.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
     p.set_defaults(func=_run_sample)
@@ -170,6 +171,29 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_training_dir(spec: str, flag: str) -> None:
+    """Raise ``ValueError`` (pointing to ``--checkpoint``) when ``spec`` names a training run, not a model.
+
+    A run directory (``checkpoints/`` inside), a ``checkpoints/`` directory and a checkpoint without a complete
+    diffusers pipeline (``model_index.json``, ``unet/``, ``scheduler/``) are read by ``--checkpoint``; a checkpoint
+    that is a complete pipeline still loads as a model.
+    """
+    from .common.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, META_FILE
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return
+    if (path / CHECKPOINTS_DIR).is_dir() or (path / LATEST_FILE).is_file() or any(path.glob("epoch-*")):
+        raise ValueError(f"{flag} {spec} is a training run, not a model directory: use --checkpoint {spec}")
+    pipeline = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json")
+    if (path / META_FILE).is_file() and not all((path / name).is_file() for name in pipeline):
+        missing = [name for name in pipeline if not (path / name).is_file()]
+        raise ValueError(
+            f"{flag} {spec} is a training checkpoint without a diffusers pipeline (missing {', '.join(missing)}): "
+            f"use --checkpoint {spec}"
+        )
+
+
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
     from torchvision.utils import save_image
@@ -187,6 +211,8 @@ def _run_sample(args: argparse.Namespace) -> int:
         spec = str(
             verify_checkpoint(args.checkpoint)
         )  # a checkpoint is a diffusers pipeline folder (model_index.json, unet/, scheduler/)
+    else:
+        _refuse_training_dir(spec, "--weights" if args.weights else "--model")
     unet, scheduler = load_model(spec, device=args.device)
     schedule = sampling.make_schedule(scheduler, args.steps, eta=args.eta, device=args.device)
     num_classes = unet.config.num_class_embeds
@@ -262,6 +288,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusion_gym.nets import load_metric_nets
 
     from .evaluation import EvalSettings, evaluate_model, resolve_model_spec, write_evaluation
+    from .paper import progress_note
 
     args.device = resolve_device(args.device)
     settings = EvalSettings(
@@ -284,7 +311,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         clip_weights=args.clip_weights,
         device=args.device,
     )
-    for item in args.models:
+    stage_start = time.perf_counter()
+    for done, item in enumerate(args.models, start=1):
         name, _, spec = item.rpartition("=")
         name = name or Path(spec.rstrip("/")).name.replace(":", "_")
         meta = {k: v for k, v in (("method", args.method or name), ("task", args.task)) if v is not None}
@@ -296,6 +324,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             f"{name}: {rewards}; IS {result['inception_score']['mean']:.3f}; Vendi pixels {result['vendi_pixel']:.3f}, "
             f"embeddings {result['vendi_embedding']['value']:.3f} ({time.perf_counter() - start:.0f} s) -> {path}"
         )
+        print(f"  [{progress_note(done, len(args.models), time.perf_counter() - stage_start)}]", flush=True)
     return 0
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -32,17 +33,36 @@ from .common.eval_settings import EvalSettings
 
 SCHEMA_VERSION = 1
 
+IS_SAMPLES_PER_CLASS = 5
+"""An Inception Score split needs at least this many samples per class of the IS network, else a warning.
+
+A split of ``m`` samples scores ``exp(mean_i KL(p(y|x_i) ‖ p̂(y)))`` with ``p̂`` the split's mean prediction: it
+can never exceed ``m`` (``p̂ >= p(y|x_i) / m``), and the entropy of ``p̂`` is biased low by about
+``(C − 1) / 2m`` nats for ``C`` classes. From ``m = 5 C`` on that is under 0.1 nats (a score about 10 % low at
+most); for the 10-class digits classifier: 50 samples per split, 500 with the 10 default splits; for Inception's
+1,008 classes: 5,040 per split, torch-fidelity's usual 50,000 samples in 10 splits.
+
+Measured with the digits classifier (10 splits, 40 DDIM steps, eta 1), the base model scores 4.99 at n = 50
+(5 per split: the cap), 9.97 at n = 100, 9.87 at n = 200, 9.95 at n = 500 and 9.94 at n = 1,000 with the
+evaluation seed 2024 (seed 7: 5.00, 9.97, 9.91 at n = 50, 100, 200). The base model draws its classes in turn,
+so each split holds every class equally often and shows no further bias from 10 per split on; a model whose
+classes drift from the ones it is asked for does. Simulated, a model drawing its classes
+at random (confident predictions, true IS 9.93) scores 3.9, 5.9, 7.7, 9.0, 9.5 and 9.7 at 5, 10, 20, 50,
+100 and 200 samples per split.
+"""
+
 
 def resolve_model_spec(spec: str | os.PathLike[str]) -> str:
-    """A model spec for :func:`load_model`: a training run directory or checkpoint becomes its latest checkpoint."""
-    from .common.checkpoint import latest_checkpoint
+    """A model spec for :func:`load_model`: a training run or checkpoint becomes its latest checkpoint, verified.
+
+    Raises:
+        CheckpointError: when the checkpoint is missing, incomplete or fails its sha256 check.
+    """
+    from .common.checkpoint import verify_checkpoint
 
     path = Path(spec)
     if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"no complete checkpoint found in {path}")
-        return str(found)
+        return str(verify_checkpoint(path))
     return str(spec)
 
 
@@ -90,6 +110,32 @@ def sample_paired(
     return sampling.to_unit_range(x).cpu(), conditions, seen["first"]
 
 
+def warn_if_few_is_samples(num_samples: int, splits: int, num_classes: int, label: str = "") -> bool:
+    """Warn (``RuntimeWarning``) when the Inception Score of ``num_samples`` samples in ``splits`` splits is biased low.
+
+    Args:
+        num_samples: samples scored.
+        splits: Inception Score splits.
+        num_classes: classes of the IS network (10 for the digits classifier, 1,008 for Inception).
+        label: the model, named in the warning.
+
+    Returns:
+        Whether it warned: fewer than :data:`IS_SAMPLES_PER_CLASS` × ``num_classes`` samples per split.
+    """
+    per_split, needed = num_samples // splits, IS_SAMPLES_PER_CLASS * num_classes
+    if per_split >= needed:
+        return False
+    warnings.warn(
+        f"{label + ': ' if label else ''}the Inception Score of {num_samples} samples in {splits} splits "
+        f"({per_split} per split) is biased low and not comparable with larger evaluations: a split scores at "
+        f"most its sample count, and {num_classes} classes need about {needed} per split; evaluate at least "
+        f"{needed * splits} samples (e.g. the digits base model scores 4.99 at n = 50, 9.95 at n = 500)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return True
+
+
 def evaluate_model(
     model: str | os.PathLike[str],
     settings: EvalSettings | None = None,
@@ -111,6 +157,9 @@ def evaluate_model(
     Returns:
         ``(result, arrays)``: the JSON-ready metrics and per-sample arrays (``rewards_<name>``,
         ``embeddings``, ``conditions``, ``predicted``).
+
+    Warns:
+        RuntimeWarning: too few samples per Inception Score split (:func:`warn_if_few_is_samples`: digits, < 500).
     """
     from diffusion_gym.nets import load_metric_nets
 
@@ -147,6 +196,7 @@ def evaluate_model(
     shape = tuple(images.shape[1:])
     nets = metric_nets or load_metric_nets(settings.metric_nets, image_shape=shape, device=settings.device)
     cls = metrics.classifier_outputs(nets.classifier, images.to(settings.device))
+    warn_if_few_is_samples(len(images), settings.is_splits, cls.probs.shape[1], label=label or str(model))
     score = metrics.inception_score(cls.probs, splits=settings.is_splits)
     result["inception_score"] = {"mean": score.mean, "std": score.std, "network": nets.classifier_name}
     if nets.embedder is nets.classifier:

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -172,6 +173,28 @@ class Timings:
         tmp.replace(self.path)
 
 
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3 min 07 s`` or ``2 h 05 min``."""
+    s = round(max(float(seconds), 0.0))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def progress_note(done: int, total: int, elapsed: float) -> str:
+    """``k/N, elapsed …, ETA …`` once ``done`` of ``total`` items took ``elapsed`` seconds (no ETA after the last).
+
+    The ETA assumes the remaining items take as long as the finished ones did on average. Used by the study's
+    stages and ``diffusion-gym evaluate``.
+    """
+    note = f"{done}/{total}, elapsed {format_duration(elapsed)}"
+    if done < total:
+        note += f", ETA {format_duration(elapsed / max(done, 1) * (total - done))}"
+    return note
+
+
 def _run_name(method: str, reward: str, seed: int) -> str:
     return f"{method}__{reward}__seed{seed}"
 
@@ -220,6 +243,7 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
                     todo.append((run_dir, cmd, algo, config))
     threads = max(1, (os.cpu_count() or 1) // study.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    finished, lock, stage_start = [0], threading.Lock(), time.perf_counter()  # runs done, for the ETA
 
     def run(item: tuple[Path, list[str], str, Any]) -> None:
         run_dir, cmd, algo, config = item
@@ -240,7 +264,10 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
                 )
         seconds = time.perf_counter() - tic
         timings.add("train", run_dir.name, seconds)
-        log(f"  train {run_dir.name}: {seconds:.0f} s")
+        with lock:
+            finished[0] += 1
+            note = progress_note(finished[0], len(todo), time.perf_counter() - stage_start)
+        log(f"  train {run_dir.name}: {seconds:.0f} s ({note})")
 
     if study.jobs == 1:  # on this thread: torch ops on a second thread slow OpenMP here (see rewards.reward_async)
         for item in todo:
@@ -272,12 +299,10 @@ def evaluate_stage(
     items = [("base", study.base_model, {"method": "base"})]
     items += [(run_dir.name, str(run_dir), {"method": m, "task": r, "seed": s}) for (m, r, s), run_dir in runs.items()]
     nets = None
-    paths = []
-    for name, model, meta in items:
-        path = out / "eval" / f"{name}.json"
-        paths.append(path)
-        if path.is_file():
-            continue
+    paths = [out / "eval" / f"{name}.json" for name, _, _ in items]
+    todo = [(item, path) for item, path in zip(items, paths, strict=True) if not path.is_file()]
+    stage_start = time.perf_counter()
+    for done, ((name, model, meta), path) in enumerate(todo, start=1):
         tic = time.perf_counter()
         if nets is None:
             from diffusion_gym.models import load_model
@@ -289,7 +314,7 @@ def evaluate_stage(
         write_evaluation(result, arrays, path)
         seconds = time.perf_counter() - tic
         timings.add("evaluate", name, seconds)
-        log(f"  evaluate {name}: {seconds:.0f} s")
+        log(f"  evaluate {name}: {seconds:.0f} s ({progress_note(done, len(todo), time.perf_counter() - stage_start)})")
     return paths
 
 

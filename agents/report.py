@@ -353,12 +353,40 @@ def runtime_table(timings: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def samples_note(results: Sequence[dict[str, Any]], inception: bool = False) -> str:
+    """The line under a metric table saying on how many samples (``n``) each model was scored.
+
+    Models scored on different numbers of samples are named, since their metrics are not comparable (the
+    Inception Score in particular is biased low with few samples per split). ``inception`` adds the splits.
+    """
+    groups: dict[Any, list[str]] = defaultdict(list)
+    for r in results:
+        settings = r.get("settings", {})
+        key = (settings.get("num_samples", "?"), settings.get("is_splits") if inception else None)
+        groups[key].append(str(r.get("label", r.get("method", "?"))))
+
+    def describe(n: Any, splits: Any) -> str:
+        if splits and isinstance(n, int):
+            return f"{n}, in {splits} IS splits of {n // splits}"
+        return str(n)
+
+    if len(groups) == 1:
+        ((n, splits),) = groups
+        return f"Samples per model: {describe(n, splits)}."
+    parts = []
+    for (n, splits), labels in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        named = ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+        parts.append(f"{describe(n, splits)} ({named})")
+    return f"Samples per model: {'; '.join(parts)} — **metrics from different numbers of samples are not comparable**."
+
+
 def _table_lines(study: Study) -> list[str]:
     """The report's protocol paragraph and Tables 1-3 with the window ablation."""
     first = study.results[0]["settings"]
     n_runs = defaultdict(int)
     for r in study.results:
         n_runs[r["method"]] += 1
+    n_line = samples_note(study.results)
     lines = [
         f"Every model was sampled from the same initial noise (seed {first['seed']}, {first['num_samples']} samples, "
         f"{first['num_steps']} DDIM steps, eta {first['eta']}); the IS network is "
@@ -372,9 +400,13 @@ def _table_lines(study: Study) -> list[str]:
         "",
         markdown_table(study.table("reward", 4)),
         "",
+        n_line,
+        "",
         "## Table 2: Inception Score (closer to Base = diversity preserved)",
         "",
         markdown_table(study.table("is", 3)),
+        "",
+        samples_note(study.results, inception=True),
         "",
         "## Table 3: Vendi score (closer to Base = diversity preserved)",
         "",
@@ -382,15 +414,20 @@ def _table_lines(study: Study) -> list[str]:
         "",
         markdown_table(study.table("vendi_pixel", 3)),
         "",
+        n_line,
+        "",
         "Embeddings:",
         "",
         markdown_table(study.table("vendi_embedding", 3)),
+        "",
+        n_line,
         "",
         "## Window ablation (every method separately)",
         "",
     ]
     for name, title_, digits in (("reward", "reward", 4), ("is", "IS", 3), ("vendi_pixel", "Vendi pixels", 3)):
-        lines += [f"{title_}:", "", markdown_table(study.table(name, digits, by="method")), ""]
+        note = samples_note(study.results, inception=name == "is")
+        lines += [f"{title_}:", "", markdown_table(study.table(name, digits, by="method")), "", note, ""]
     return lines
 
 

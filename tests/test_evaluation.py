@@ -2,15 +2,17 @@
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from agents import evaluation
 from agents.cli import main
 from agents.evaluation import EvalSettings, _noise_digest, evaluate_model, injection_study, write_evaluation
-from agents.paper import load_study
+from agents.paper import format_duration, load_study, progress_note
 from agents.ppo_is.config import ConfigError
 from agents.report import Study, aggregate, load_results, write_report
 from diffusion_gym import metrics, sampling
@@ -182,3 +184,53 @@ injection: {{method: ddpo, steps: [4, 2], num_samples: 2}}
     assert main(["paper", "--config", str(config), "--stages", "train,report"]) == 0
     timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
     assert [t["stage"] for t in timings].count("train") == 1
+
+
+def test_few_samples_per_split_warn_that_the_inception_score_is_biased_low(monkeypatch):
+    assert evaluation.warn_if_few_is_samples(500, 10, 10) is False  # 50 per split = 5 per class: enough
+    with pytest.warns(RuntimeWarning, match=r"base: the Inception Score of 490 samples in 10 splits \(49 per split\)"):
+        assert evaluation.warn_if_few_is_samples(490, 10, 10, label="base")
+    with pytest.warns(RuntimeWarning, match="1008 classes need about 5040 per split"):
+        evaluation.warn_if_few_is_samples(50_000, 10, 1008)
+
+    def random_images(loaded, settings, n=None):  # the warning depends on n and the IS network only
+        n = settings.num_samples
+        return torch.rand((n, 1, 16, 16), generator=torch.Generator().manual_seed(0)), torch.arange(n) % 10, "digest"
+
+    monkeypatch.setattr(evaluation, "sample_paired", random_images)
+    with pytest.warns(RuntimeWarning, match=r"50 samples in 10 splits \(5 per split\) is biased low"):
+        evaluate_model("embedded:digits", EvalSettings(num_samples=50), label="base")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result, _ = evaluate_model("embedded:digits", EvalSettings(num_samples=500), label="base")
+    assert not [w for w in caught if "Inception Score" in str(w.message)]
+    assert result["settings"]["num_samples"] == 500
+
+
+def test_report_says_how_many_samples_every_table_is_from(tmp_path):
+    files = [_fake("base", None, None, -0.5, 3.0), _fake("ddpo", "r", 0, -0.4, 2.0), _fake("ddpo", "r", 1, -0.4, 2.1)]
+    files[0]["rewards"] = {"r": {"mean": -0.5, "se": 0.002}}
+    for i, f in enumerate(files):
+        f["settings"]["is_splits"] = 2
+        (tmp_path / f"{i}.json").write_text(json.dumps(f))
+    text = write_report([tmp_path], tmp_path / "out").read_text()
+    # Tables 1-3 (Vendi twice) and the three ablation tables: a line under each
+    assert text.count("Samples per model: 10.") == 5 and text.count("Samples per model: 10, in 2 IS splits of 5.") == 2
+    files[2]["settings"]["num_samples"] = 500
+    (tmp_path / "2.json").write_text(json.dumps(files[2]))
+    text = write_report([tmp_path], tmp_path / "out").read_text()
+    assert "Samples per model: 10 (baseNone, ddpo0); 500 (ddpo1) — **metrics from different numbers" in text
+
+
+def test_progress_notes_give_an_eta():
+    assert progress_note(1, 3, 40) == "1/3, elapsed 40 s, ETA 1 min 20 s"
+    assert progress_note(3, 3, 4000) == "3/3, elapsed 1 h 06 min"
+    assert format_duration(59.6) == "1 min 00 s" and format_duration(-1) == "0 s"
+
+
+def test_cli_evaluate_prints_progress_and_eta_per_model(tmp_path, capsys):
+    args = ["evaluate", "a=embedded:digits", "b=embedded:digits", "--n", "10", "--steps", "2", "--out", str(tmp_path)]
+    with pytest.warns(RuntimeWarning, match="biased low"):  # 1 sample per split
+        assert main([*args, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2, elapsed " in out and ", ETA " in out and "[2/2, elapsed " in out

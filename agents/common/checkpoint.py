@@ -98,6 +98,7 @@ LATEST_FILE = "latest"
 META_FILE = "meta.json"
 LEGACY_STATE_FILE = "trainer_state.pt"  # format version 1: a pickle, only loaded when explicitly allowed
 UNET_DIR = "unet"
+PIPELINE_CLASS_NAME = "ClassConditionalPipeline"  # model_index.json's _class_name: diffusion_gym.pipeline
 TMP_PREFIX = ".tmp-"
 FORMAT_NAME = "diffusion-gym-checkpoint"
 FORMAT_VERSION = 2
@@ -274,8 +275,10 @@ def _write_contents(
     unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
     if scheduler is not None:
         scheduler.save_pretrained(tmp / "scheduler")
+        # diffusion_gym.ClassConditionalPipeline samples class-conditional UNets (DDPMPipeline cannot); an explicit
+        # class still loads the folder whatever it names: DDPMPipeline.from_pretrained(ckpt) works as before
         index = {
-            "_class_name": "DDPMPipeline",
+            "_class_name": PIPELINE_CLASS_NAME,
             "_diffusers_version": getattr(unet.config, "_diffusers_version", ""),
             "unet": ["diffusers", type(unet).__name__],
             "scheduler": ["diffusers", type(scheduler).__name__],
@@ -355,8 +358,9 @@ def save_checkpoint(
         extra_weights: ``{name: state_dict}`` saved as ``<name>.safetensors`` (EMA weights, LoRA adapters).
             Names may use letters, digits, ``_``, ``.`` and ``-``.
         scheduler: A diffusers scheduler; when given, it is saved in ``scheduler/`` with a
-            ``model_index.json``, so the checkpoint is a ``DDPMPipeline`` folder
-            (``DDPMPipeline.from_pretrained(ckpt)``, ``load_model(ckpt)``).
+            ``model_index.json`` naming :class:`diffusion_gym.ClassConditionalPipeline`, so the checkpoint is a
+            pipeline folder (``ClassConditionalPipeline.from_pretrained(ckpt)``, also
+            ``DDPMPipeline.from_pretrained(ckpt)``, ``load_model(ckpt)``).
 
     Returns:
         The path of the new checkpoint directory.
