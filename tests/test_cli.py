@@ -74,3 +74,18 @@ def test_a_config_without_algo_that_fits_another_algo_says_which(tmp_path, capsy
     assert main(["train", "--config", str(tmp_path / "vard.yaml")]) == 2  # read as ppo-is, the default
     err = capsys.readouterr().err
     assert "value: Extra inputs are not permitted" in err and "use --algo vard" in err
+
+
+def test_help_answers_without_importing_torch():
+    """``--help`` and usage errors answer at once: nothing heavy is imported before the arguments are parsed."""
+    import subprocess
+    import sys
+
+    code = "import sys, agents.cli; heavy = [m for m in ('torch', 'diffusers') if m in sys.modules]; print(heavy)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage:" in capsys.readouterr().out

@@ -177,7 +177,7 @@ def test_lora_trains_adapters_only_exports_merged_weights_and_resumes_exactly(tm
 
 def test_an_optimizer_step_that_makes_nan_weights_is_never_saved(tmp_path, monkeypatch):
     """The loss and gradient were finite, the step itself made NaN weights: stop, keep the last checkpoint."""
-    train(_config("num_epochs=1"), run_dir=tmp_path, progress=False)
+    train(_config("num_epochs=1", "train.gradient_updates_per_epoch=1"), run_dir=tmp_path, progress=False)
     good = latest_checkpoint(tmp_path)
     real_step = torch.optim.AdamW.step
 
@@ -188,8 +188,13 @@ def test_an_optimizer_step_that_makes_nan_weights_is_never_saved(tmp_path, monke
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
-    with pytest.raises(TrainingDivergedError, match="weights are NaN/Inf"):
-        train(_config("num_epochs=3"), run_dir=tmp_path, resume=tmp_path, progress=False)
+    with pytest.raises(TrainingDivergedError, match="weights are NaN/Inf"):  # one step per epoch, as celebahq_*
+        train(
+            _config("num_epochs=3", "train.gradient_updates_per_epoch=1"),
+            run_dir=tmp_path,
+            resume=tmp_path,
+            progress=False,
+        )
     assert latest_checkpoint(tmp_path) == good and good.name == "epoch-000001"
 
 

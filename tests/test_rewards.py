@@ -528,3 +528,12 @@ def test_public_names_are_reexported():
     assert rewards.make_reward is registry.make_reward and rewards._REGISTRY is registry._REGISTRY
     assert rewards.reward_async is host.reward_async and rewards.jpeg_size_kb is jpeg.jpeg_size_kb
     assert rewards.LaionAestheticScorer is aesthetic.LaionAestheticScorer
+
+
+def test_nan_images_are_refused_not_scored():
+    """A diverged chain's NaN images pass [0, 1] clamping; the reward must refuse them, not score them."""
+    reward = rewards.make_reward("jpeg_compressibility")
+    images = torch.full((2, 1, 8, 8), 0.5)
+    images[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        reward(images)

@@ -98,7 +98,7 @@ def test_a_new_algorithm_gets_logging_checkpoints_and_exact_resume_for_free(tmp_
     straight = train(config, run_dir=tmp_path / "a", progress=False)
     assert [e.epoch for e in straight.epochs] == [0, 1, 2] and straight.final_eval is not None
     assert sorted(p.name for p in (tmp_path / "a" / "samples").iterdir()) == [f"epoch-000{i}.png" for i in range(4)]
-    assert list((tmp_path / "a" / "tb").iterdir()), "TensorBoard events were written"
+    _check_tensorboard(tmp_path / "a" / "tb")
     assert load_checkpoint(tmp_path / "a").state["algo"] == "toy-reinforce"
 
     train(config, run_dir=tmp_path / "b", progress=False, stop_after=1)
@@ -109,6 +109,18 @@ def test_a_new_algorithm_gets_logging_checkpoints_and_exact_resume_for_free(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
     moved = max((a[k] - v).abs().max().item() for k, v in _weights_of_base().items())
     assert moved > 0, "the toy algorithm trained"
+
+
+def _check_tensorboard(tb: Path) -> None:
+    """The config as text, hparams with the final evaluation, upscaled grids one column per class."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert "config/text_summary" in events.Tags()["tensors"]
+    assert "reward/mean" in events.Tags()["scalars"] and "eval/reward_mean" in events.Tags()["scalars"]
+    grid = events.Images("eval/samples")[-1]
+    assert grid.width >= 4 * 64, "the 16-px digits are shown at >= 64 px each"  # 4 samples, classes as columns
+    assert (tb / "hparams").is_dir(), "hyper-parameters with the final evaluation"
 
 
 def _weights_of_base() -> dict[str, torch.Tensor]:
@@ -232,3 +244,19 @@ def test_a_missing_optional_package_names_its_extra(monkeypatch, module, extra, 
     monkeypatch.setitem(__import__("sys").modules, module, None)  # as if it were not installed
     with pytest.raises(MissingExtraError, match=rf"pip install 'diffusion-gym\[{extra}\]'"):
         use()
+
+
+@pytest.mark.usefixtures("toy_algorithm", "one_thread")
+def test_a_run_directory_belongs_to_one_run(tmp_path):
+    from agents.common.config import ConfigError
+
+    config = load_run_config(None, [*TOY, "num_epochs=1"])
+    train(config, run_dir=tmp_path / "run", progress=False)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"already holds a run.*--resume.*--overwrite"):
+        train(config, run_dir=tmp_path / "run", progress=False)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    other = load_run_config(None, [*TOY, "num_epochs=1", "seed=5"])
+    train(other, run_dir=tmp_path / "run", progress=False, overwrite=True)
+    assert load_checkpoint(tmp_path / "run").state["config"]["seed"] == 5
+    assert len(list((tmp_path / "run" / "checkpoints").glob("epoch-*"))) == 1, "the old run's files are gone"

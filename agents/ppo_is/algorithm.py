@@ -48,8 +48,11 @@ from .config import Config, TrainConfig
 __all__ = ["PPOIS", "ClippedUpdate", "PPOEpochStats"]
 
 _SUMS = ("loss", "approx_kl", "clipfrac", "kl_ref")
-APPROX_KL_WARNING = 0.1
-"""An update whose approx-KL to the collecting policy exceeds this gets a warning (typical runs: < 1e-3)."""
+APPROX_KL_WARNING = 1.0
+"""An update whose approx-KL to the collecting policy exceeds this gets a warning.
+
+Measured on the embedded model: the shipped digits configs (lr 5e-4, clip 0.05) reach about 0.2 in the
+epochs where they learn most; 1.0 means log-prob ratios of about e^±1.4 on average, far off-policy."""
 
 
 @dataclass(kw_only=True)
@@ -230,7 +233,7 @@ class ClippedUpdate:
         if not bool(torch.isfinite(chunk_loss) & torch.isfinite(grad_norm)):
             raise TrainingDivergedError(
                 f"the PPO-IS loss is {chunk_loss.item()} and the gradient norm {grad_norm.item()} (NaN/Inf): "
-                "stopping before the optimizer step; no weights or checkpoints were changed. "
+                "stopping before this optimizer step; nothing of this epoch is saved (the last checkpoint is intact). "
                 "Lower train.learning_rate or check the reward."
             )
         self.optimizer.step()

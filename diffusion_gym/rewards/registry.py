@@ -6,6 +6,7 @@ or wraps a user callable in a :class:`CheckedReward`, which validates the images
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -97,6 +98,8 @@ class CheckedReward:
         batch = images.shape[0]
         if images.numel():
             low, high = torch.stack([images.detach().amin(), images.detach().amax()]).float().tolist()
+            if math.isnan(low) or math.isnan(high):  # NaN propagates through amin/amax; a diverged chain
+                raise ValueError(f"reward {self.name!r}: the images contain NaN values (did the sampling diverge?)")
             if low < -_RANGE_TOLERANCE or high > 1.0 + _RANGE_TOLERANCE:
                 raise ValueError(
                     f"reward {self.name!r}: images must be in [0, 1] but span [{low:.4g}, {high:.4g}] "
