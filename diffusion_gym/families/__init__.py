@@ -1,0 +1,22 @@
+"""Model families: what the env and the agents need to know about a diffusion model, behind one interface.
+
+=================  ==============================================================================
+family             models
+=================  ==============================================================================
+``pixel``          ``UNet2DModel`` DDPMs in pixel space, conditioned on class ids (:class:`PixelFamily`)
+``latent-text``    Stable Diffusion 1.x/2.x and SDXL: ``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP
+                   text encoder(s) (:class:`LatentTextFamily`)
+=================  ==============================================================================
+
+:func:`load_family` turns a model spec into its family; :class:`ModelFamily` is the interface and
+:class:`Conditioning` the encoded conditions every family hands its denoiser. The policy math stays
+in :mod:`diffusion_gym.sampling`: a step is ``sampling.denoise_step(family.model_output(x, t, cond, g), x, k,
+schedule)`` with ``schedule = sampling.make_schedule(family.scheduler, K, eta)``.
+"""
+
+from diffusion_gym.families.base import Conditioning, ModelFamily
+from diffusion_gym.families.latent_text import LatentTextFamily
+from diffusion_gym.families.loading import load_family
+from diffusion_gym.families.pixel import PixelFamily
+
+__all__ = ["Conditioning", "LatentTextFamily", "ModelFamily", "PixelFamily", "load_family"]

@@ -1,0 +1,250 @@
+"""Load any supported model as a :class:`~diffusion_gym.families.base.ModelFamily`: :func:`load_family`.
+
+==========================================  ==================================================
+spec                                        family
+==========================================  ==================================================
+``"embedded:digits"``, ``"random:digits"``,  pixel (:func:`diffusion_gym.models.load_model`)
+``"random:celebahq-256"``
+``"random:sd-tiny"``, ``"random:sdxl-tiny"``  latent-text, tiny random components
+                                            (:mod:`diffusion_gym.families.tiny`)
+a local diffusers folder                    latent-text when its ``model_index.json`` names
+                                            ``StableDiffusionPipeline`` or
+                                            ``StableDiffusionXLPipeline``; pixel for a
+                                            ``UNet2DModel`` pipeline or UNet folder
+a hub id ``"owner/name"``                   the same, read from the Hugging Face cache only
+==========================================  ==================================================
+
+Nothing is downloaded: a hub id missing from the cache raises
+:class:`~diffusion_gym.models.MissingWeightsError` naming the repository, the cache folder it should be
+in and how to provide it (``hf download`` elsewhere and copy the cache, or pass a local folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from diffusion_gym.extras import require
+from diffusion_gym.families.base import ModelFamily, place
+from diffusion_gym.families.latent_text import LatentTextFamily
+from diffusion_gym.families.pixel import PixelFamily
+from diffusion_gym.families.tiny import TINY_MODELS, build_tiny_family
+from diffusion_gym.models import ARCHITECTURES, DEFAULT_MODEL, SCHEDULER_KINDS, MissingWeightsError, load_model
+
+LATENT_TEXT_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+"""``model_index.json`` class names of the latent-text family, and their variant."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""The form of a hub id, ``owner/name``."""
+_WEIGHTS = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "text_encoder": ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"),
+}
+
+
+def valid_specs() -> list[str]:
+    """The forms a spec may take, for messages."""
+    randoms = [f"random:{name}" for name in (*sorted(ARCHITECTURES), *TINY_MODELS)]
+    return [
+        "embedded:digits",
+        *randoms,
+        "a local diffusers folder (model_index.json, or a UNet2DModel folder)",
+        "a hub id 'owner/name' in the Hugging Face cache",
+    ]
+
+
+def _required_files(variant: str) -> dict[str, list[tuple[str, ...]]]:
+    """Per component folder: groups of file names of which one must exist."""
+    needed: dict[str, list[tuple[str, ...]]] = {
+        "unet": [("config.json",), _WEIGHTS["unet"]],
+        "vae": [("config.json",), _WEIGHTS["vae"]],
+        "scheduler": [("scheduler_config.json",)],
+    }
+    suffixes = ["", "_2"] if variant == "sdxl" else [""]
+    for suffix in suffixes:
+        needed[f"text_encoder{suffix}"] = [("config.json",), _WEIGHTS["text_encoder"]]
+        needed[f"tokenizer{suffix}"] = [("tokenizer.json", "vocab.json")]
+    return needed
+
+
+def missing_files(folder: Path, variant: str) -> list[str]:
+    """The files a latent-text pipeline folder lacks (``a|b``: either will do)."""
+    missing = []
+    for component, groups in _required_files(variant).items():
+        for names in groups:
+            if not any((folder / component / name).is_file() for name in names):
+                missing.append("|".join(f"{component}/{name}" for name in names))
+    return missing
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The local snapshot folder of ``repo_id`` in the Hugging Face cache (never downloads).
+
+    Raises:
+        MissingWeightsError: when the cache has no snapshot of it (the message says how to provide one).
+    """
+    from huggingface_hub import snapshot_download
+
+    cache = Path(cache_dir) if cache_dir is not None else _hub_cache()
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
+    except Exception as error:  # noqa: BLE001 - every cache miss becomes the one clear error
+        repo_folder = cache / f"models--{repo_id.replace('/', '--')}"
+        raise MissingWeightsError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({type(error).__name__}); nothing is downloaded. "
+            f"Expected {repo_folder}/snapshots/<revision>/ with model_index.json and its component folders "
+            "(Stable Diffusion: unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, "
+            f"tokenizer_2/). Cache directory: {cache}. To provide it: run `hf download {repo_id}` on a machine with "
+            f"internet and copy {repo_folder} into this cache (or point HF_HUB_CACHE / HF_HOME at a cache that has "
+            "it), or download the repository to a folder and pass that folder as the model."
+        ) from None
+
+
+def _latent_scheduler(folder: Path, kind: str, overrides: dict[str, Any] | None) -> Any:
+    """A DDIM (or DDPM) scheduler from the pipeline's scheduler config (``clip_sample`` off unless set)."""
+    if kind not in SCHEDULER_KINDS:
+        raise ValueError(f"unknown scheduler {kind!r}; valid choices: {sorted(SCHEDULER_KINDS)}")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config.setdefault("clip_sample", False)  # latents are not in [-1, 1]; DDIM's default would clip them
+    return SCHEDULER_KINDS[kind].from_config({**config, **(overrides or {})})
+
+
+def load_latent_text_dir(
+    folder: Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler: str = "ddim",
+    scheduler_overrides: dict[str, Any] | None = None,
+    source: str | None = None,
+) -> LatentTextFamily:
+    """A :class:`LatentTextFamily` from a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` folder.
+
+    The VAE stays in float32 when ``dtype`` is float16 and its config says ``force_upcast`` (the SDXL
+    VAE overflows in fp16, which is why diffusers' pipeline upcasts it to decode).
+
+    Args:
+        folder: the pipeline folder (``model_index.json`` and the component folders).
+        device: where to put the components.
+        dtype: their parameter dtype.
+        scheduler: ``"ddim"`` (default) or ``"ddpm"``, built from ``scheduler/scheduler_config.json``.
+        scheduler_overrides: scheduler config keys to override.
+        source: what the folder is, for messages (default: the folder).
+
+    Raises:
+        MissingWeightsError: when a component's files are missing (named in the message).
+        ValueError: when ``model_index.json`` names another pipeline.
+    """
+    index = json.loads((folder / "model_index.json").read_text())
+    class_name = index.get("_class_name")
+    if class_name not in LATENT_TEXT_PIPELINES:
+        raise ValueError(
+            f"unsupported pipeline {class_name!r} in {folder}; valid choices: {sorted(LATENT_TEXT_PIPELINES)}"
+        )
+    variant = LATENT_TEXT_PIPELINES[class_name]
+    missing = missing_files(folder, variant)
+    if missing:
+        raise MissingWeightsError(
+            f"{source or folder} is a {class_name} but lacks {missing} (in {folder}). Provide the complete pipeline "
+            "folder (e.g. `hf download <repo>` or the pipeline's save_pretrained)."
+        )
+    transformers = require("transformers", "text", "latent-text model families (Stable Diffusion, SDXL)")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    vae_dtype = torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
+    encoder_classes = [transformers.CLIPTextModel]
+    if variant == "sdxl":
+        encoder_classes.append(transformers.CLIPTextModelWithProjection)
+    suffixes = ["", "_2"][: len(encoder_classes)]
+    encoders = [
+        cls.from_pretrained(folder / f"text_encoder{s}", dtype=dtype)
+        for cls, s in zip(encoder_classes, suffixes, strict=True)
+    ]
+    tokenizers = [transformers.CLIPTokenizer.from_pretrained(folder / f"tokenizer{s}") for s in suffixes]
+    return LatentTextFamily(
+        unet.to(device),
+        place(vae, device, vae_dtype),
+        [encoder.to(device) for encoder in encoders],
+        tokenizers,
+        _latent_scheduler(folder, scheduler, scheduler_overrides),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", variant == "sdxl")),
+    )
+
+
+def _load_folder(folder: Path, source: str | None, options: dict[str, Any]) -> ModelFamily:
+    """The family of a local diffusers folder (latent-text pipeline, else whatever ``load_model`` reads)."""
+    index_path = folder / "model_index.json"
+    if index_path.is_file():
+        class_name = json.loads(index_path.read_text()).get("_class_name")
+        if class_name in LATENT_TEXT_PIPELINES:
+            return load_latent_text_dir(folder, source=source, **options)
+        unet_config = folder / "unet" / "config.json"
+        if unet_config.is_file() and json.loads(unet_config.read_text()).get("_class_name") != "UNet2DModel":
+            raise ValueError(
+                f"unsupported pipeline {class_name!r} in {source or folder}; valid choices: "
+                f"{sorted(LATENT_TEXT_PIPELINES)} or a pipeline of a UNet2DModel"
+            )
+    return PixelFamily.from_loaded(load_model(folder, **options))
+
+
+def load_family(
+    spec: str | os.PathLike[str] = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler: str = "ddim",
+    scheduler_overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> ModelFamily:
+    """Load a model as its family (see the module docstring for the specs).
+
+    Args:
+        spec: ``"embedded:digits"``, ``"random:<name>"``, a local diffusers folder or a cached hub id.
+        device: where to put the model.
+        dtype: its parameter dtype.
+        scheduler: ``"ddim"`` (default) or ``"ddpm"``, built from the model's scheduler config.
+        scheduler_overrides: scheduler config keys to override (e.g. ``{"prediction_type": "v_prediction"}``).
+        seed: ``random:`` specs only: the seed of the random weights.
+        cache_dir: hub ids only: the Hugging Face hub cache (default: the library's).
+
+    Raises:
+        ValueError: for a spec of no known form (the message lists the valid forms), an unknown
+            ``random:`` / ``embedded:`` name or an unsupported pipeline.
+        MissingWeightsError: for a hub id not in the cache or a folder with missing files.
+    """
+    spec = os.fspath(spec)
+    options: dict[str, Any] = {
+        "device": device,
+        "dtype": dtype,
+        "scheduler": scheduler,
+        "scheduler_overrides": scheduler_overrides,
+    }
+    if spec.startswith("random:") and spec.split(":", 1)[1] in TINY_MODELS:
+        if scheduler != "ddim":
+            raise ValueError(f"tiny models use a DDIM scheduler; valid choice: 'ddim', got {scheduler!r}")
+        name = spec.split(":", 1)[1]
+        return build_tiny_family(name, seed=seed, device=device, dtype=dtype, scheduler_overrides=scheduler_overrides)
+    if spec.startswith(("embedded:", "random:")):
+        name = spec.split(":", 1)[1]
+        if spec.startswith("random:") and name not in ARCHITECTURES:
+            raise ValueError(f"unknown model spec {spec!r}; valid forms: {valid_specs()}")
+        return PixelFamily.from_loaded(load_model(spec, seed=seed, **options))
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return _load_folder(folder, None, options)
+    if HUB_ID.match(spec) and not spec.startswith("."):
+        return _load_folder(cached_snapshot(spec, cache_dir), f"hub model {spec!r}", options)
+    raise ValueError(f"unknown model spec {spec!r} (not an existing folder either); valid forms: {valid_specs()}")

@@ -1,0 +1,203 @@
+"""Tiny random Stable Diffusion / SDXL models, built from configs in code: ``random:sd-tiny``, ``random:sdxl-tiny``.
+
+For tests and shape checks without any download, in the manner of diffusers' own pipeline tests: a
+two-level ``UNet2DConditionModel`` (channels 32/64, 8×8 latents), a two-level ``AutoencoderKL`` (4
+latent channels, scale factor 2: 16×16 images), two-layer CLIP text encoders of width 32 and a CLIP
+tokenizer over a small byte-level BPE vocabulary that :func:`write_tiny_clip_vocab` writes (every
+byte is a token, so any prompt tokenizes without unknown tokens; a few merges make common prompt
+words single tokens). Weights are drawn from a seed; the scheduler is Stable Diffusion's DDIM config
+(scaled-linear betas, ``steps_offset=1``, ``set_alpha_to_one=False``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from diffusion_gym.extras import require
+from diffusion_gym.families.base import place
+from diffusion_gym.families.latent_text import LatentTextFamily
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+TINY_MODELS = ("sd-tiny", "sdxl-tiny")
+"""The names after ``random:``."""
+TINY_MAX_LENGTH = 77
+"""Token sequence length (the CLIP text encoders' ``max_position_embeddings``)."""
+TINY_WORDS = ("a", "an", "the", "photo", "painting", "of", "cat", "dog", "car", "red", "blue", "in", "on")
+"""Words the tiny vocabulary merges into single tokens."""
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+"""Stable Diffusion's scheduler config (as in SD 1.5's ``scheduler_config.json``), for a ``DDIMScheduler``."""
+
+
+def byte_symbols() -> list[str]:
+    """The printable symbol byte-level BPE uses for each byte 0…255, in byte order (GPT-2 / CLIP's map).
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, …) are shifted to
+    code points from 256 on, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = set(printable)
+    symbols, shifted = {}, 0
+    for byte in range(256):
+        if byte in keep:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + shifted)
+            shifted += 1
+    return [symbols[byte] for byte in range(256)]
+
+
+def write_tiny_clip_vocab(folder: Path, words: tuple[str, ...] = TINY_WORDS) -> None:
+    """Write a CLIP tokenizer's ``vocab.json`` and ``merges.txt`` into ``folder``.
+
+    The vocabulary: the 256 byte symbols, the same with the end-of-word mark ``</w>``, the merged
+    pieces of ``words`` (merged left to right) and ``<|startoftext|>``, ``<|endoftext|>`` last, as in
+    CLIP's.
+    """
+    symbols = byte_symbols()
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    vocab.update({symbol + "</w>": 256 + i for i, symbol in enumerate(symbols)})
+    merges: list[str] = []
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = f"{pieces[0]} {pieces[1]}"
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over :func:`write_tiny_clip_vocab`'s vocabulary (written to a temporary folder)."""
+    transformers = require("transformers", "text", "latent-text model families (Stable Diffusion, SDXL)")
+    with tempfile.TemporaryDirectory(prefix="diffusion-gym-tiny-clip-") as folder:
+        write_tiny_clip_vocab(Path(folder))
+        return transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_MAX_LENGTH)
+
+
+def _text_encoder(tokenizer: CLIPTokenizer, projection: bool) -> Any:
+    """A two-layer CLIP text encoder of width 32 (``CLIPTextModelWithProjection`` when ``projection``)."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TINY_MAX_LENGTH,
+        projection_dim=32,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return model(config)
+
+
+def _unet(sdxl: bool) -> UNet2DConditionModel:
+    """A two-level UNet over 4×8×8 latents; SDXL's adds the ``text_time`` embedding (6 ids × 8 + 32 pooled)."""
+    common: dict[str, Any] = {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    }
+    if not sdxl:
+        return UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=4)
+    return UNet2DConditionModel(
+        **common,
+        cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+
+
+def _vae(sdxl: bool) -> AutoencoderKL:
+    """A two-level VAE (scale factor 2) with 4 latent channels and SD's (or SDXL's) scaling factor."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.13025 if sdxl else 0.18215,
+    )
+
+
+def build_tiny_family(
+    name: str,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler_overrides: dict[str, Any] | None = None,
+) -> LatentTextFamily:
+    """A tiny random SD (``"sd-tiny"``) or SDXL (``"sdxl-tiny"``) family (see the module docstring).
+
+    Args:
+        name: one of :data:`TINY_MODELS`.
+        seed: seed of the random weights (the global RNG is left as it was).
+        device: where to put the components.
+        dtype: their parameter dtype.
+        scheduler_overrides: scheduler config keys to override (e.g. ``{"prediction_type": "v_prediction"}``).
+
+    Raises:
+        ValueError: for an unknown name.
+        MissingExtraError: when transformers is not installed (the ``text`` extra).
+    """
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; valid choices: {list(TINY_MODELS)}")
+    sdxl = name == "sdxl-tiny"
+    tokenizer = tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae = _unet(sdxl), _vae(sdxl)
+        encoders = [_text_encoder(tokenizer, projection=False)]
+        if sdxl:
+            encoders.append(_text_encoder(tokenizer, projection=True))
+    scheduler = DDIMScheduler.from_config({**SD_SCHEDULER, **(scheduler_overrides or {})})
+    return LatentTextFamily(
+        place(unet, device, dtype),
+        place(vae, device, dtype),
+        [place(encoder, device, dtype) for encoder in encoders],
+        [tokenizer] * len(encoders),
+        scheduler,
+        force_zeros_for_empty_prompt=sdxl,
+    )
