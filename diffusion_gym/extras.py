@@ -7,6 +7,7 @@ The core (the env, the math, JPEG rewards, the PPO-IS and VARD trainers) needs n
 | ``lora`` | peft | LoRA adapters (``train.lora_rank > 0``) |
 | ``clip`` | open_clip_torch | the CLIP image encoder: ``laion_aesthetic``, CLIP metrics |
 | ``sb3`` | stable-baselines3 | ``agents.sb3`` (the Stable-Baselines3 adapter) |
+| ``text`` | transformers | text-conditioned latent models (``diffusion_gym.families``: SD 1.x/2.x, SDXL) |
 | ``all`` | all of the above | |
 """
 
