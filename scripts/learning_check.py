@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from agents.ppo_is.config import load_config
 from agents.ppo_is import train
+from agents.ppo_is.config import load_config
 
 RUNS = [
     ("ddpo", "jpeg_compressibility"),

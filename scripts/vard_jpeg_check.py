@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from agents.vard.config import load_vard_config
 from agents.vard import train
+from agents.vard.config import load_vard_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "envs_configs"
 REWARDS = ["jpeg_compressibility", "jpeg_incompressibility"]

@@ -1,1 +1,1 @@
-"""Pieces shared by agents: the on-policy runner, configs, the Gaussian UNet policy, collector and rollout, advantages, checkpoints."""
+"""Pieces shared by agents: the on-policy runner, configs, policy, collector, rollout, advantages, checkpoints."""

@@ -146,6 +146,7 @@ class Collector:
             :func:`~diffusion_gym.rewards.reward_async` (a host reward of CUDA images is scored on a
             background thread while the next batch runs); ``False`` scores it at once on this thread
             (``core.reward_fn``), e.g. to measure what the overlap saves. The rewards are the same.
+        phase: told ``"HRF-D probe"`` while the window probes for the next start step, ``"rollout"`` after.
     """
 
     def __init__(
@@ -157,11 +158,13 @@ class Collector:
         noise: str = "cpu",
         observers: Sequence[BatchObserver] = (),
         overlap_rewards: bool = True,
+        phase: Callable[[str], None] | None = None,
     ) -> None:
         self.envs, self.core, self.policy, self.generator = envs, envs.core, policy, generator
         self.dist = dist if dist is not None else Distributed()
         self.noise, self.observers = noise, list(observers)
         self.overlap_rewards = overlap_rewards
+        self.phase = phase if phase is not None else (lambda name: None)
         self.layout = RolloutLayout(self.core.num_envs, self.dist.world_size, self.dist.rank)
         self._cond_dim = condition_embedding_dim(policy) if policy.condition_noise is not None else 0
 
@@ -201,5 +204,8 @@ class Collector:
                 rollout.end_batch(core.reward_fn(images, conditions))
             for observer in self.observers:
                 observer.end_batch(step.x_prev if step is not None else core.x)
+            if core.window.needs_probe:
+                self.phase("HRF-D probe")
             core.begin(self.envs.np_random)  # the next batch (the vector env's autoreset)
+            self.phase("rollout")
         return rollout

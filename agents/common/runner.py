@@ -158,6 +158,8 @@ class RunContext:
     """This process's place in the job and the collectives (no-ops in one process)."""
     generator: torch.Generator
     """The trainer's CPU generator (rollout noise, shuffles): part of every checkpoint."""
+    phase: Callable[[str], None] = lambda name: None
+    """Tell the person watching what the epoch is doing now (``"rollout"``, ``"update"``, ...)."""
 
 
 class Algorithm(ABC):
@@ -397,9 +399,9 @@ class OnPolicyRunner:
         s = config.sample
         schedule = sampling.make_schedule(loaded.scheduler, s.num_steps, eta=s.eta, device=config.device)
         generator = torch.Generator().manual_seed(config.seed)
-        algo = self.algorithm_class(config, RunContext(config, loaded, schedule, dist, generator))
+        progress = Progress(self.algorithm_class.name.upper(), enabled=self.progress and dist.is_main)
+        algo = self.algorithm_class(config, RunContext(config, loaded, schedule, dist, generator, progress.phase))
         self._write_run_dir(dist, run_dir, checkpoint)
-        progress = Progress(algo.name.upper(), enabled=self.progress and dist.is_main)
         self._session = _Session(config, run_dir, algo, dist, loaded, progress)
         result = TrainResult(run_dir=run_dir)
         start = self._restore(checkpoint, result) if checkpoint is not None else 0
@@ -441,7 +443,7 @@ class OnPolicyRunner:
     def _epoch(self, epoch: int, result: TrainResult) -> EpochStats:
         session, config = self._session, self._session.config
         tic = time.perf_counter()
-        session.progress.phase("rollout + update")
+        session.progress.phase("rollout")
         stats = session.algo.train_epoch(epoch)
         stats.seconds = time.perf_counter() - tic
         session.check_finite(epoch)

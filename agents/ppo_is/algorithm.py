@@ -252,7 +252,9 @@ class PPOIS(Algorithm):
         self.envs = make_env(config, self.policy, run.loaded, run.dist)
         self.drift = DriftAdvantages(d.subset_fraction, d.diversity_coef, run.dist) if d.enabled else None
         observers = self.drift.observers if self.drift is not None else []
-        self.collector = Collector(self.envs, self.policy, run.generator, run.dist, config.policy_noise, observers)
+        self.collector = Collector(
+            self.envs, self.policy, run.generator, run.dist, config.policy_noise, observers, phase=run.phase
+        )
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),
             lr=t.learning_rate,
@@ -297,6 +299,7 @@ class PPOIS(Algorithm):
         keep_pairs = keep[rollout.pair_trajectories()] if keep is not None else None
         _warn_if_nothing_to_learn(rollout, epoch)
         learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.run.phase("update")
         logged = self.updater.update(rollout, keep_pairs)
         if logged["approx_kl"] > APPROX_KL_WARNING:
             warnings.warn(

@@ -115,6 +115,7 @@ class VARD(Algorithm):
         data, rewards = collect_value_data(self.envs, self.policy, config.sample.num_batches_per_epoch, self.generator)
         heldout = explained_variance(self.value, data) if bool(self.value.initialized) else float("nan")
         self.buffer.add(data)
+        self.run.phase("value fit")
         steps = v.steps_per_epoch + (v.warmup_steps if epoch == 0 else 0)
         fitted = fit_value(
             self.value, self.value_optimizer, self.buffer.data(), steps, v.batch_size, self.generator, v.max_grad_norm
@@ -122,6 +123,7 @@ class VARD(Algorithm):
         k, deterministic = data.k, schedule.deterministic.to(config.device)
         stochastic = (k < schedule.num_steps) & ~deterministic[k.clamp(max=schedule.num_steps - 1)]
         starts = data.rows(torch.nonzero(stochastic).flatten())
+        self.run.phase("update")
         logged = policy_update(self.policy, self.reference, self.value, self.optimizer, starts, config, self.generator)
         return VardEpochStats(
             epoch=epoch,
