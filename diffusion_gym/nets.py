@@ -174,6 +174,18 @@ def _build_clip_visual(checkpoint: str | None, quick_gelu: bool) -> nn.Module:
     return model.visual
 
 
+def _rgb_float(images: Tensor, device: torch.device) -> Tensor:
+    """``(N, 1 or 3, H, W)`` images as float32 RGB on ``device`` (grey is repeated over the channels).
+
+    Raises:
+        ValueError: for another shape.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (N, 1 or 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    x = images.to(device=device, dtype=torch.float32)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
 class ClipImageEncoder(nn.Module):
     """OpenAI CLIP ViT-L/14 image embeddings of images in ``[0, 1]``, with CLIP's preprocessing in torch.
 
@@ -261,11 +273,7 @@ class ClipImageEncoder(nn.Module):
         Raises:
             ValueError: for a shape other than ``(B, 1 or 3, H, W)``.
         """
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images of shape (B, 1 or 3, H, W) in [0, 1], got {tuple(images.shape)}")
-        x = images.to(device=self.device, dtype=torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
+        x = _rgb_float(images, self.device)
         size = self.image_size
         height, width = x.shape[-2:]
         scale = size / min(height, width)
@@ -382,11 +390,7 @@ class InceptionV3Features(nn.Module):
         Raises:
             ValueError: for a shape other than ``(N, 1 or 3, H, W)``.
         """
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images of shape (N, 1 or 3, H, W) in [0, 1], got {tuple(images.shape)}")
-        x = images.to(device=self.device, dtype=torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
+        x = _rgb_float(images, self.device)
         size = self.image_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
