@@ -1,4 +1,9 @@
-"""Wrappers of ``DiffusionDenoise-v0``: potential-based reward shaping (Ng, Harada & Russell, 1999).
+"""Wrappers of ``DiffusionDenoise-v0``: prompt ids for SB3, and potential-based reward shaping.
+
+:class:`PromptIdObservation` turns a text-to-image env's ``Text`` prompt observation into the
+prompt's id (``Discrete``), which Stable-Baselines3 takes (it has no ``Text`` support).
+
+Reward shaping follows Ng, Harada & Russell (1999).
 
 Shaping adds ``F(s, s') = γ·Φ(s') − Φ(s)`` to every reward, with ``Φ(terminal) = 0``. Over a whole
 episode the shaping terms telescope::
@@ -27,16 +32,40 @@ from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from gymnasium.vector import VectorEnv, VectorWrapper
 from torch import Tensor
 
 from . import metrics, sampling
 
-__all__ = ["GroupDiversityPotential", "PotentialShaping", "VectorPotentialShaping"]
+__all__ = ["GroupDiversityPotential", "PotentialShaping", "PromptIdObservation", "VectorPotentialShaping"]
 
 SHAPING_KEY = "shaping_reward"
 """The ``info`` key holding the shaping term ``F`` that was added to the reward."""
+
+
+class PromptIdObservation(gym.ObservationWrapper):
+    """``obs["c"]``: the prompt's id in ``env.prompts`` (``Discrete``) instead of its text.
+
+    For libraries without ``Text`` spaces (Stable-Baselines3). The ids are those of the vector env's
+    observations: a list source's prompts in order.
+
+    Raises:
+        ValueError: for an env whose observations hold no prompt (a class-conditional pixel model).
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        if not isinstance(env.observation_space["c"], gym.spaces.Text):
+            raise ValueError("PromptIdObservation wraps a text-to-image env; this env's obs['c'] is already an id")
+        core = env.unwrapped.core
+        self._conditions = core.conditions
+        self.observation_space = core.single_spaces(vector=True)[0]
+
+    def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
+        """The observation with the prompt replaced by its id."""
+        return {**observation, "c": np.int64(self._conditions.check(observation["c"]))}
 
 
 def _check_gamma(gamma: float) -> float:

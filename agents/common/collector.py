@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from diffusion_gym import sampling
 from diffusion_gym.envs import DenoiseCore, DiffusionDenoiseVectorEnv
+from diffusion_gym.families import ModelFamily
 from diffusion_gym.rewards import reward_async
 
 from .distributed import Distributed
@@ -39,7 +39,7 @@ NOISE_SOURCES = ("cpu", "device")
 
 
 def make_env(
-    config: Any, policy: DiffusionPolicy, loaded: Any, dist: Distributed | None = None
+    config: Any, policy: DiffusionPolicy, family: ModelFamily, dist: Distributed | None = None
 ) -> DiffusionDenoiseVectorEnv:
     """The trainers' vector env from a run config's ``sample`` and ``env`` sections.
 
@@ -49,7 +49,7 @@ def make_env(
     Args:
         config: a run config (its ``sample``, ``env`` and ``device``).
         policy: the policy whose current weights the env's probes and model references use.
-        loaded: the loaded model (scheduler and UNet).
+        family: the model (the env shares the policy's conditions and guidance scale).
         dist: this process's place in the job (default: one process).
 
     Raises:
@@ -62,7 +62,9 @@ def make_env(
     core = DenoiseCore(
         num_envs=s.num_envs // dist.world_size,
         shard=dist.shard(),
-        model=loaded,
+        model=family,
+        conditions=policy.conditions,
+        guidance_scale=policy.guidance_scale,
         reward=e.reward,
         reward_kwargs=e.reward_kwargs,
         window=e.window if isinstance(e.window, str) else [tuple(c) for c in e.window],
@@ -112,13 +114,6 @@ def policy_noise_sampler(core: DenoiseCore, generator: torch.Generator, where: s
     return lambda: torch.randn(shape, generator=generator, pin_memory=pinned)[rows].to(device, non_blocking=pinned)
 
 
-def condition_embedding_dim(policy: DiffusionPolicy) -> int:
-    """Width of the UNet's class embedding (the time-embedding width of a diffusers ``UNet2DModel``)."""
-    embedding = policy.unet.class_embedding
-    dim = getattr(embedding, "embedding_dim", None)
-    return int(dim) if dim is not None else int(policy.unet.config.block_out_channels[0] * 4)
-
-
 class BatchObserver(Protocol):
     """A plug-in that watches each collected batch (e.g. DRIFT's diversity potentials)."""
 
@@ -166,7 +161,7 @@ class Collector:
         self.overlap_rewards = overlap_rewards
         self.phase = phase if phase is not None else (lambda name: None)
         self.layout = RolloutLayout(self.core.num_envs, self.dist.world_size, self.dist.rank)
-        self._cond_dim = condition_embedding_dim(policy) if policy.condition_noise is not None else 0
+        self._cond_dim = policy.condition_noise_dim() if policy.condition_noise is not None else 0
 
     def collect(self, num_batches: int) -> Rollout:
         """``num_batches`` batches of whole episodes; the env then stands at the next batch's start.
@@ -190,13 +185,13 @@ class Collector:
             step = None
             while int(core.k_host[0]) < core.num_steps:  # a shared start: the batch ends together
                 x, k, c, k_host = core.x.clone(), core.k.clone(), core.c.clone(), int(core.k_host[0])
-                step = policy.act(x, k, c if policy.conditional else None, noise=draw_noise(), cond_noise=cond_noise)
+                step = policy.act(x, k, c, noise=draw_noise(), cond_noise=cond_noise)
                 if not deterministic[k_host]:
                     rollout.add(x, step.x_prev, k, c, step.log_prob, traj)
                     for observer in self.observers:
                         observer.stored_step(step.x0)
                 core.advance(step.x_prev, score=False)
-            images = sampling.to_unit_range(core.x)
+            images = core.decode(core.x)
             conditions = core.condition_input(core.c)
             if self.overlap_rewards:
                 rollout.end_batch(reward_async(core.reward_fn, images, conditions))

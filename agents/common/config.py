@@ -76,6 +76,9 @@ class SampleConfig(Section):
     num_batches_per_epoch: int = Field(2, ge=1, description="batches collected per epoch (= per HRF iteration)")
     samples_per_reference: int = Field(4, ge=1, description="episodes per reference image: one advantage group")
     start_mode: Literal["shared", "per_sample"] = Field("shared", description="one start step per batch or per sample")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="classifier-free guidance of text models (default: the model's; pixel models: 1)"
+    )
 
 
 class EnvConfig(Section):
@@ -89,6 +92,10 @@ class EnvConfig(Section):
     window_kwargs: dict[str, Any] = Field(default_factory=dict, description="iterations, beta, stride, first, cycle")
     references: str | None = Field(None, description="digits, model, or an image folder (default: by model)")
     probe_size: int = Field(8, ge=1, description="references per HRF-D probe")
+    prompts: str | list[str] | None = Field(
+        None, description="text models: a built-in set (animals), a prompt file, or a list (default: animals)"
+    )
+    negative_prompt: str | None = Field(None, description="text models: the negative prompt (default: the model's)")
 
 
 class EvalConfig(Section):
@@ -107,7 +114,9 @@ class RunConfig(Section):
     logdir: str = Field("runs", description="where runs are written")
     seed: int = Field(0, ge=0, description="seed of everything")
     device: str = Field("cpu", description="torch device")
-    model: str = Field("embedded:digits", description="model spec (load_model)")
+    model: str = Field(
+        "embedded:digits", description="model spec (load_family): embedded/random name, diffusers folder or hub id"
+    )
     num_epochs: int = Field(10, ge=1, description="training epochs")
     save_every: int = Field(1, ge=1, description="checkpoint every N epochs")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")

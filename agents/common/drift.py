@@ -113,9 +113,15 @@ class ConditionNoise:
         return self.scale * ((t.float() / num_train_timesteps - lo) / (hi - lo)).clamp(0, 1)
 
     def perturb(self, embedding: Tensor, direction: Tensor, weight: Tensor) -> Tensor:
-        """``e + w · rms(e) · n`` for ``(B, D)`` embeddings, directions and ``(B,)`` weights."""
-        rms = embedding.detach().float().pow(2).mean(1, keepdim=True).sqrt()
-        return embedding + (weight.view(-1, 1) * rms * direction.float()).to(embedding.dtype)
+        """``e + w · rms(e) · n`` for ``(B, D)`` or ``(B, L, D)`` embeddings, ``(B, D)`` directions, ``(B,)`` weights.
+
+        The RMS is taken over the last dimension (per token); a sample's direction is the same for
+        all its tokens.
+        """
+        rms = embedding.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+        shape = (-1,) + (1,) * (embedding.ndim - 1)
+        direction = direction.float().view(direction.shape[0], *(1,) * (embedding.ndim - 2), -1)
+        return embedding + (weight.view(shape) * rms * direction).to(embedding.dtype)
 
 
 def diversity_features(x0: Tensor, size: int = 32) -> Tensor:

@@ -1,8 +1,17 @@
 """The UNet as a Gaussian policy ``π_θ(x_{t-1} | x_t, t, c) = N(μ_θ, σ_t² I)``.
 
 All the math is :mod:`diffusion_gym.sampling`; this module only owns the network: it calls the
-UNet (optionally under bf16 autocast, the policy math staying fp32), samples actions, and
-recomputes log-probabilities of stored actions with gradients for the PPO-IS update.
+UNet through its model family (:mod:`diffusion_gym.families`: class ids for a pixel model; prompt
+embeddings and classifier-free guidance for Stable Diffusion / SDXL), optionally under bf16
+autocast (the policy math staying fp32), samples actions, and recomputes log-probabilities of stored
+actions with gradients for the PPO-IS update.
+
+Conditions are the env's condition ids (class ids or prompt ids); the policy's
+:class:`~diffusion_gym.conditions.ConditionSet` turns them into the network's inputs (a text model's
+prompt embeddings are computed once per prompt and cached). With classifier-free guidance
+(``guidance_scale`` ``g``) the Gaussian's mean comes from the guided prediction
+``ε_u + g(ε_c − ε_u)``, both when sampling and when the update recomputes the log-probability, as
+ddpo-pytorch does.
 
 Speed options of :class:`DiffusionPolicy` (none changes the math; ``benchmarks/throughput.py``
 measures them against a naive diffusers loop):
@@ -23,15 +32,17 @@ measures them against a naive diffusers loop):
   gradients are on (the update), never in rollouts.
 
 DRIFT's stochastic prompting (``condition_noise``, :class:`~agents.common.drift.ConditionNoise`) is
-part of the policy: an episode's noise direction perturbs the class embedding in the rollout and in
-the update's recomputation alike, so the log-probabilities stay consistent; :meth:`denoiser` (env
-probes, references, evaluation) never adds it.
+part of the policy: an episode's noise direction perturbs the class embedding (a text model: every
+token of the prompt embeddings, not the negative prompt's) in the rollout and in the update's
+recomputation alike, so the log-probabilities stay consistent; :meth:`denoiser` (env probes,
+references, evaluation) never adds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,12 +50,16 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_gym import sampling
+from diffusion_gym.conditions import ConditionSet, make_conditions
+from diffusion_gym.families import Conditioning, ModelFamily, PixelFamily
+from diffusion_gym.families.base import check_guidance_scale
 from diffusion_gym.sampling import DenoisingSchedule, StepIndex, StepOutput
 
 from .drift import ConditionNoise
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-"""UNet2DModel layers that get LoRA adapters: attention projections and the ResNet convolutions."""
+"""UNet layers that get LoRA adapters: the attention projections (self- and, in Stable Diffusion's
+``UNet2DConditionModel``, cross-attention) and the ResNet blocks' convolutions."""
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
@@ -105,10 +120,14 @@ class DiffusionPolicy(nn.Module):
     """A diffusers UNet read as the denoising MDP's Gaussian policy.
 
     Args:
-        unet: a ``UNet2DModel`` (class-conditional or not). ``channels_last`` and
-            ``gradient_checkpointing`` change it in place (memory format of its weights, a flag);
-            ``compile`` does not.
+        unet: a model family (:class:`~diffusion_gym.families.ModelFamily`: its denoiser is the
+            trained network), or a pixel ``UNet2DModel`` (class-conditional or not).
+            ``channels_last`` and ``gradient_checkpointing`` change the network in place (memory
+            format of its weights, a flag); ``compile`` does not.
         schedule: the env's :class:`~diffusion_gym.sampling.DenoisingSchedule` (same K and eta).
+        conditions: what the env's condition ids mean (share the env's: ``env.core.conditions``);
+            default: the family's class ids (a text family needs its env's prompt conditions).
+        guidance_scale: classifier-free guidance scale (default: the family's, 1 for pixel models).
         autocast_dtype: run the UNet under ``torch.autocast`` with this dtype (e.g.
             ``torch.bfloat16``); ``None`` = full precision. Log-probs are always computed in fp32.
         channels_last: keep the UNet's weights and feed its inputs in the ``torch.channels_last``
@@ -127,10 +146,12 @@ class DiffusionPolicy(nn.Module):
 
     def __init__(
         self,
-        unet: nn.Module,
+        unet: nn.Module | ModelFamily,
         schedule: DenoisingSchedule,
         autocast_dtype: torch.dtype | None = None,
         *,
+        conditions: ConditionSet | None = None,
+        guidance_scale: float | None = None,
         channels_last: bool = False,
         compile: str = "no",  # noqa: A002 - the config key's name
         gradient_checkpointing: bool = False,
@@ -139,17 +160,23 @@ class DiffusionPolicy(nn.Module):
         super().__init__()
         if compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile!r}; valid choices: {list(COMPILE_MODES)}")
-        if condition_noise is not None and getattr(unet, "class_embedding", None) is None:
+        family = unet if isinstance(unet, ModelFamily) else PixelFamily(unet, None)
+        unet = family.denoiser
+        if not family.text_conditioned and condition_noise is not None and unet.class_embedding is None:
             raise ValueError(
                 "condition noise (DRIFT's drift.condition_noise) perturbs the class embedding, but this UNet has "
                 "none (an unconditional model): set drift.condition_noise to 0"
             )
+        self.family = family
+        self.conditions = conditions if conditions is not None else make_conditions(family)
+        self.guidance_scale = (
+            family.default_guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)
+        )
         self.condition_noise = condition_noise
         self.unet = unet
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype
-        config = unet.config
-        self.conditional = getattr(config, "num_class_embeds", None) is not None
+        self.conditional = self.conditions.conditional
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             unet.to(memory_format=torch.channels_last)
@@ -167,25 +194,45 @@ class DiffusionPolicy(nn.Module):
         if self.memory_format == torch.channels_last:
             self.unet.to(memory_format=torch.channels_last)
 
-    def _unet(self, x: Tensor, t: Tensor, c: Tensor | None, cond_noise: Tensor | None = None) -> Tensor:
-        """The (compiled) UNet forward at inputs in the policy's memory format.
+    def conditioning(self, c: Tensor | Conditioning | None) -> Conditioning:
+        """The network's conditioning of condition ids ``c`` (a :class:`Conditioning` passes through)."""
+        if c is None:
+            return Conditioning()
+        if isinstance(c, Conditioning):
+            return c
+        return self.conditions.encode(c)
+
+    def condition_noise_dim(self) -> int:
+        """Width of what DRIFT's condition noise perturbs: the prompt embeddings' or the class embedding's."""
+        if self.family.text_conditioned:
+            return int(self.unet.config.cross_attention_dim)
+        embedding = self.unet.class_embedding
+        dim = getattr(embedding, "embedding_dim", None)
+        return int(dim) if dim is not None else int(self.unet.config.block_out_channels[0] * 4)
+
+    def _unet(self, x: Tensor, t: Tensor, c: Tensor | Conditioning | None, cond_noise: Tensor | None = None) -> Tensor:
+        """The (compiled, guided) network forward at inputs in the policy's memory format.
 
         ``cond_noise``: ``(B, D)`` unit-normal directions of DRIFT's condition noise (see
-        :class:`~agents.common.drift.ConditionNoise`), added to the class embedding through a
-        forward hook for this call only.
+        :class:`~agents.common.drift.ConditionNoise`), added for this call only to the prompt
+        embeddings (text models) or, through a forward hook, to the class embedding.
         """
         if self.memory_format == torch.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         forward = self.unet if self._compiled is None else self._compiled
+        cond = self.conditioning(c)
         if cond_noise is None or self.condition_noise is None:
-            return forward(x, t, class_labels=c if self.conditional else None).sample
+            return self.family.model_output(x, t, cond, self.guidance_scale, network=forward)
         noise = self.condition_noise
         weight = noise.weight(t, self.schedule.num_train_timesteps)
+        if self.family.text_conditioned:
+            cond = dataclasses.replace(cond, embeds=noise.perturb(cond.embeds, cond_noise, weight))
+            return self.family.model_output(x, t, cond, self.guidance_scale, network=forward)
         hook = self.unet.class_embedding.register_forward_hook(
             lambda module, args, out: noise.perturb(out, cond_noise, weight)
         )
         try:
-            return forward(x, t, class_labels=c).sample
+            return self.family.model_output(x, t, cond, self.guidance_scale, network=forward)
         finally:
             hook.remove()
 
@@ -200,7 +247,7 @@ class DiffusionPolicy(nn.Module):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def model_output(self, x: Tensor, k: StepIndex, c: Tensor | None, cond_noise: Tensor | None = None) -> Tensor:
-        """The UNet's prediction at images ``x``, step index ``k`` and conditions ``c``.
+        """The (guided) network prediction at states ``x``, step index ``k`` and condition ids ``c``.
 
         ``cond_noise``: per-sample directions of the condition noise (``None``: none).
         """
@@ -232,7 +279,7 @@ class DiffusionPolicy(nn.Module):
     def denoiser(self) -> sampling.Denoiser:
         """A ``(x, t, c) -> output`` callable over the *current* weights (for env probes/references)."""
 
-        def denoise(x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
+        def denoise(x: Tensor, t: Tensor, c: Tensor | Conditioning | None) -> Tensor:
             with self._autocast():
                 out = self._unet(x, t, c)
             return out.float()

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_gym import metrics, sampling
-from diffusion_gym.envs import DiffusionDenoiseVectorEnv
-from diffusion_gym.models import LoadedModel, load_model
+from diffusion_gym.conditions import ConditionSet, make_conditions
+from diffusion_gym.envs import DenoiseCore, DiffusionDenoiseVectorEnv
+from diffusion_gym.families import ModelFamily, load_family
 
 from .checkpoint import Checkpoint, CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
 from .checkpoint import save_checkpoint as _save_checkpoint
@@ -150,8 +151,11 @@ class RunContext:
     """What the runner hands an algorithm when it builds it."""
 
     config: RunConfig
-    loaded: LoadedModel
-    """The model (UNet and scheduler) on the run's device."""
+    family: ModelFamily
+    """The model (its trainable UNet, scheduler and frozen parts) on the run's device."""
+    conditions: ConditionSet
+    """What the env's condition ids mean (class ids, or the prompts of ``env.prompts``): shared by the
+    policy and the env."""
     schedule: sampling.DenoisingSchedule
     """The ``sample.num_steps``-step sampling schedule at ``sample.eta``."""
     dist: Distributed
@@ -160,6 +164,18 @@ class RunContext:
     """The trainer's CPU generator (rollout noise, shuffles): part of every checkpoint."""
     phase: Callable[[str], None] = lambda name: None
     """Tell the person watching what the epoch is doing now (``"rollout"``, ``"update"``, ...)."""
+
+    def make_policy(self, network: nn.Module | None = None, **options: Any) -> DiffusionPolicy:
+        """A :class:`DiffusionPolicy` over the run's model, conditions, schedule and guidance scale.
+
+        Args:
+            network: another copy of the denoiser to read as the policy (e.g. a frozen reference for
+                a KL penalty); default: the family's own denoiser (the one that is trained).
+            **options: the policy's speed options and DRIFT's condition noise.
+        """
+        family = self.family if network is None else self.family.with_denoiser(network)
+        guidance = self.config.sample.guidance_scale
+        return DiffusionPolicy(family, self.schedule, conditions=self.conditions, guidance_scale=guidance, **options)
 
 
 class Algorithm(ABC):
@@ -239,27 +255,39 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate_policy(
-    policy: DiffusionPolicy,
-    reward_fn: Callable[[Tensor, Tensor | None], Tensor],
-    num_samples: int,
-    seed: int,
-    sample_shape: tuple[int, ...],
-    num_classes: int | None,
-    device: str | torch.device = "cpu",
+    policy: DiffusionPolicy, core: DenoiseCore, num_samples: int, seed: int, device: str | torch.device = "cpu"
 ) -> tuple[metrics.MeanStd, Tensor]:
     """Reward (mean, standard error) of ``num_samples`` images from fixed noise, and the images in ``[0, 1]``.
 
     The initial and policy noise come from ``seed`` (:func:`diffusion_gym.sampling.generate`), so
     the base model and every fine-tuned one are evaluated on the same noise, sample for sample.
-    Conditions cycle over the classes (``i % num_classes``).
+    Conditions cycle over the env's conditions in order (``i % num_classes``; a text model's prompt
+    list), and a latent model's samples are decoded by its VAE before the reward.
     """
-    conditions = torch.arange(num_samples) % num_classes if num_classes else None
-    images = sampling.generate(
-        policy.denoiser(), policy.schedule, num_samples, sample_shape, conditions, seed=seed, device=device
+    ids = core.conditions.evaluation_ids(num_samples).to(device)
+    states = sampling.generate(
+        policy.denoiser(),
+        policy.schedule,
+        num_samples,
+        core.sample_shape,
+        core.conditions.denoiser_input(ids),
+        seed=seed,
+        device=device,
     )
-    images = sampling.to_unit_range(images)
-    rewards = reward_fn(images, conditions.to(device) if conditions is not None else None)
+    images = core.decode(states)
+    rewards = core.reward_fn(images, core.conditions.reward_input(ids))
     return metrics.mean_and_standard_error(rewards.float().cpu()), images
+
+
+GRID_MAX_COLUMNS = 16
+"""An evaluation grid has one column per condition up to this many conditions."""
+
+
+def grid_columns(conditions: ConditionSet) -> int | None:
+    """Columns of an evaluation grid: one per condition (a class, a prompt) up to 16; ``None``: a square grid."""
+    if not conditions.conditional or conditions.size > GRID_MAX_COLUMNS:
+        return None
+    return conditions.size
 
 
 def save_grid(images: Tensor, path: Path, num_classes: int | None) -> None:
@@ -395,14 +423,16 @@ class OnPolicyRunner:
         if device != config.device:  # under torchrun each process drives cuda:<LOCAL_RANK>
             config = config.model_copy(update={"device": device})
         seed_everything(config.seed)
-        loaded = load_model(config.model, scheduler=config.sample.scheduler, device=config.device)
+        family = load_family(config.model, scheduler=config.sample.scheduler, device=config.device)
+        conditions = make_conditions(family, config.env.prompts, config.env.negative_prompt)
         s = config.sample
-        schedule = sampling.make_schedule(loaded.scheduler, s.num_steps, eta=s.eta, device=config.device)
+        schedule = sampling.make_schedule(family.scheduler, s.num_steps, eta=s.eta, device=config.device)
         generator = torch.Generator().manual_seed(config.seed)
         progress = Progress(self.algorithm_class.name.upper(), enabled=self.progress and dist.is_main)
-        algo = self.algorithm_class(config, RunContext(config, loaded, schedule, dist, generator, progress.phase))
+        context = RunContext(config, family, conditions, schedule, dist, generator, progress.phase)
+        algo = self.algorithm_class(config, context)
         self._write_run_dir(dist, run_dir, checkpoint)
-        self._session = _Session(config, run_dir, algo, dist, loaded, progress)
+        self._session = _Session(config, run_dir, algo, dist, family, progress)
         result = TrainResult(run_dir=run_dir)
         start = self._restore(checkpoint, result) if checkpoint is not None else 0
         last = config.num_epochs if self.stop_after is None else min(config.num_epochs, start + self.stop_after)
@@ -532,7 +562,7 @@ GRID_PIXELS = 64
 
 
 def grid_image(images: Tensor, num_classes: int | None) -> Tensor:
-    """A ``(C, H, W)`` grid of ``images`` in ``[0, 1]``: one column per class, upscaled, padded."""
+    """A ``(C, H, W)`` grid of ``images`` in ``[0, 1]``: ``num_classes`` columns (a condition each), upscaled."""
     from torchvision.utils import make_grid
 
     factor = max(1, GRID_PIXELS // images.shape[-1])
@@ -545,11 +575,11 @@ class _Session:
     """The parts of one run the runner's steps share: config, directory, algorithm, writer, progress."""
 
     def __init__(
-        self, config: Any, run_dir: Path, algo: Algorithm, dist: Distributed, loaded: LoadedModel, progress: Progress
+        self, config: Any, run_dir: Path, algo: Algorithm, dist: Distributed, family: ModelFamily, progress: Progress
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.config, self.run_dir, self.algo, self.dist, self.loaded = config, run_dir, algo, dist, loaded
+        self.config, self.run_dir, self.algo, self.dist, self.family = config, run_dir, algo, dist, family
         self.progress = progress
         self.writer: Any = SummaryWriter(str(run_dir / "tb")) if dist.is_main else _NoWriter()
         self.writer.add_text("config", "```yaml\n" + dump_config(config) + "```", 0)
@@ -570,13 +600,11 @@ class _Session:
         e, core = self.config.eval, self.algo.envs.core
         mean_std = None
         if self.dist.is_main:
-            mean_std, images = evaluate_policy(
-                self.algo.policy, core.reward_fn, e.num_samples, e.seed, core.sample_shape, core.num_classes,
-                self.config.device,
-            )  # fmt: skip
-            self.writer.add_image("eval/samples", grid_image(images, core.num_classes), step)
+            mean_std, images = evaluate_policy(self.algo.policy, core, e.num_samples, e.seed, self.config.device)
+            columns = grid_columns(core.conditions)
+            self.writer.add_image("eval/samples", grid_image(images, columns), step)
             self.writer.add_scalar("eval/reward_mean", mean_std.mean, step)
-            save_grid(images, self.run_dir / "samples" / f"epoch-{step:04d}.png", core.num_classes)
+            save_grid(images, self.run_dir / "samples" / f"epoch-{step:04d}.png", columns)
         shared = metrics.MeanStd(*self.dist.broadcast_object(tuple(mean_std) if mean_std is not None else None))
         if step == 0:
             self.base_eval = shared
@@ -615,6 +643,6 @@ class _Session:
                 state.to_dict(),
                 keep=self.config.keep_checkpoints,
                 extra_weights=algo.extra_weights(),
-                scheduler=self.loaded.scheduler,
+                scheduler=self.family.scheduler,
             )
         dist.barrier()  # a checkpoint is complete on disk before any rank goes on (or returns)

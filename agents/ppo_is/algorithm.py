@@ -249,7 +249,7 @@ class PPOIS(Algorithm):
         super().__init__(config, run)
         t, d = config.train, config.drift
         self.policy, self.reference = _build_policies(config, run)
-        self.envs = make_env(config, self.policy, run.loaded, run.dist)
+        self.envs = make_env(config, self.policy, run.family, run.dist)
         self.drift = DriftAdvantages(d.subset_fraction, d.diversity_coef, run.dist) if d.enabled else None
         observers = self.drift.observers if self.drift is not None else []
         self.collector = Collector(
@@ -401,11 +401,11 @@ def _build_policies(config: Config, run: RunContext) -> tuple[DiffusionPolicy, D
         "compile": config.compile,
         "condition_noise": condition_noise,
     }
-    unet = run.loaded.unet
-    policy = DiffusionPolicy(unet, run.schedule, autocast, gradient_checkpointing=t.gradient_checkpointing, **fast)
+    unet = run.family.denoiser
+    policy = run.make_policy(autocast_dtype=autocast, gradient_checkpointing=t.gradient_checkpointing, **fast)
     reference = None
     if t.kl_coef > 0:
-        reference = DiffusionPolicy(copy.deepcopy(unet).requires_grad_(False), run.schedule, autocast, **fast)
+        reference = run.make_policy(copy.deepcopy(unet).requires_grad_(False), autocast_dtype=autocast, **fast)
     if t.lora_rank > 0:
         add_lora(policy.unet, t.lora_rank, t.lora_alpha or None)
         policy.ensure_memory_format()

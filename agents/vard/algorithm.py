@@ -91,12 +91,12 @@ class VARD(Algorithm):
 
     def __init__(self, config: VardConfig, run: RunContext) -> None:
         super().__init__(config, run)
-        unet, schedule, device = run.loaded.unet, run.schedule, config.device
-        self.policy = DiffusionPolicy(unet, schedule)
+        unet, schedule, device = run.family.denoiser, run.schedule, config.device
+        self.policy = run.make_policy()
         self.reference = None
         if config.train.kl_coef > 0:
-            self.reference = DiffusionPolicy(copy.deepcopy(unet).requires_grad_(False), schedule)
-        self.envs = make_env(config, self.policy, run.loaded)
+            self.reference = run.make_policy(copy.deepcopy(unet).requires_grad_(False))
+        self.envs = make_env(config, self.policy, run.family)
         core, v, t = self.envs.core, config.value, config.train
         self.value = ValueNetwork(
             core.sample_shape[0], core.num_classes, width=v.width, depth=v.depth,

@@ -24,7 +24,10 @@ from gymnasium.vector.utils import batch_space
 from torch import Tensor
 
 from .. import sampling
-from ..models import DEFAULT_MODEL, LoadedModel, is_embedded_digits, load_model
+from ..conditions import ConditionSet, PromptConditions, make_conditions
+from ..families import ModelFamily, PixelFamily, load_family
+from ..families.base import check_guidance_scale
+from ..models import DEFAULT_MODEL, LoadedModel, is_embedded_digits
 from ..references import ReferenceSource, make_references
 from ..rewards import RewardFn, make_reward
 from ..windows import ProbeResult, WindowStrategy, make_window
@@ -109,29 +112,6 @@ def _check_core_args(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def check_condition(condition: Any, num_classes: int | None) -> int:
-    """``condition`` as a class id, or a ``ValueError`` naming it and the valid range.
-
-    Accepts Python and numpy integers (and whole floats such as ``3.0``, and 0-d integer tensors);
-    rejects bools, floats that are not whole (``3.7`` would otherwise silently become class 3),
-    strings and out-of-range ids. An unconditional model (``num_classes=None``) takes 0 only.
-
-    Args:
-        condition: the class id a user asked for (e.g. ``reset(options={"condition": c})``).
-        num_classes: the model's number of classes, ``None`` for an unconditional model.
-    """
-    high = 0 if num_classes is None else num_classes - 1
-    valid = f"[0, {high}]" + (" (an unconditional model takes condition 0 only)" if num_classes is None else "")
-    value = condition
-    if isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool:
-        value = int(value.item())
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        value = int(value)
-    if not _is_int(value) or not 0 <= value <= high:
-        raise ValueError(f"condition must be an integer class id in {valid}, got {condition!r}")
-    return int(value)
-
-
 def _numpy_actions(actions: np.ndarray, expected: tuple[int, ...], device: torch.device) -> Tensor:
     """A numpy batch of actions (e.g. a sample of the vector env's action space) as a tensor on ``device``."""
     if actions.dtype.kind != "f":
@@ -147,6 +127,15 @@ def _parse_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device {device!r} is not a torch device; valid choices: 'cpu', 'cuda', 'cuda:N'") from None
 
 
+def as_family(model: str | LoadedModel | ModelFamily, scheduler: str, device: torch.device) -> ModelFamily:
+    """The model family of an env's ``model`` argument (a spec is loaded with :func:`load_family`)."""
+    if isinstance(model, ModelFamily):
+        return model
+    if isinstance(model, LoadedModel):
+        return PixelFamily.from_loaded(model)
+    return load_family(model, scheduler=scheduler, device=device)
+
+
 class DenoiseCore:
     """The batched state machine behind both envs: ``B`` episodes as torch tensors on one device.
 
@@ -159,7 +148,7 @@ class DenoiseCore:
         self,
         *,
         num_envs: int,
-        model: str | LoadedModel = DEFAULT_MODEL,
+        model: str | LoadedModel | ModelFamily = DEFAULT_MODEL,
         reward: str | RewardFn = "jpeg_compressibility",
         window: str | Sequence[Sequence[int]] | WindowStrategy = "full",
         num_steps: int = 40,
@@ -175,6 +164,10 @@ class DenoiseCore:
         window_kwargs: dict[str, Any] | None = None,
         shard: Shard | None = None,
         info_x0: bool = False,
+        prompts: Any = None,
+        negative_prompt: str | None = None,
+        guidance_scale: float | None = None,
+        conditions: ConditionSet | None = None,
     ) -> None:
         _check_core_args(
             num_envs=num_envs,
@@ -194,13 +187,20 @@ class DenoiseCore:
         self.samples_per_reference = samples_per_reference
         self.probe_size = probe_size
 
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, scheduler=scheduler, device=self.device)
-        self.model_spec = model if isinstance(model, str) else "<LoadedModel>"
-        self.unet = loaded.unet
-        self.scheduler = loaded.scheduler
-        config = self.unet.config
-        self.sample_shape: tuple[int, int, int] = (config.in_channels, config.sample_size, config.sample_size)
-        self.num_classes: int | None = getattr(config, "num_class_embeds", None)
+        self.family = as_family(model, scheduler, self.device)
+        self.model_spec = model if isinstance(model, str) else f"<{type(model).__name__}>"
+        self.unet = self.family.denoiser
+        self.scheduler = self.family.scheduler
+        self.sample_shape: tuple[int, ...] = tuple(self.family.sample_shape)
+        if conditions is None:
+            conditions = make_conditions(self.family, prompts, negative_prompt)
+        elif prompts is not None or negative_prompt is not None:
+            raise ValueError("pass either conditions= or prompts=/negative_prompt=, not both")
+        self.conditions = conditions
+        self.num_classes: int | None = getattr(self.family, "num_classes", None)
+        self.guidance_scale = (
+            self.family.default_guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)
+        )
         self.schedule = sampling.make_schedule(self.scheduler, num_steps, eta=eta, device=self.device)
         self.probe_schedule = sampling.make_schedule(self.scheduler, num_steps, eta=0.0, device=self.device)
         self.num_steps = num_steps
@@ -210,11 +210,15 @@ class DenoiseCore:
         self.reward_fn = make_reward(reward, **(reward_kwargs or {}))
         self.set_denoiser(denoiser)
         default_refs = "digits" if is_embedded_digits(self.unet) else "model"
+        prompt_conditions = isinstance(self.conditions, PromptConditions)
         self.references = make_references(
             default_refs if references is None else references,
-            self.sample_shape,
+            self.family.image_shape,
             model_sampler=self._sample_from_model,
             num_classes=self.num_classes,
+            encode=None if isinstance(self.family, PixelFamily) else self.family.encode_images,
+            prompt_id=self.conditions.check if prompt_conditions else None,
+            draw=self.conditions.draw if prompt_conditions else None,
         )
         self.window: WindowStrategy = make_window(window, **(window_kwargs or {}))
         self.window.bind(num_steps)
@@ -235,13 +239,15 @@ class DenoiseCore:
         """Use ``denoiser`` to probe (HRF-D) and to sample model references.
 
         Args:
-            denoiser: a UNet, any ``(x, t, c) -> model_output`` callable, or ``None`` for the loaded
-                base model.
+            denoiser: a UNet (called as the family calls its denoiser, with the env's guidance
+                scale), any ``(x, t, c) -> model_output`` callable (``c`` as
+                :meth:`ConditionSet.denoiser_input` gives it: class ids, or a ``Conditioning`` of
+                prompts), or ``None`` for the loaded base model.
         """
         if denoiser is None:
             denoiser = self.unet
         if isinstance(denoiser, torch.nn.Module) and hasattr(getattr(denoiser, "config", None), "sample_size"):
-            denoiser = sampling.unet_denoiser(denoiser)
+            denoiser = self.family.chain_denoiser(self.guidance_scale, network=denoiser)
         if not callable(denoiser):
             raise TypeError(f"denoiser must be a UNet module or a callable (x, t, c) -> output, got {denoiser!r}")
         self.denoiser: Denoiser = denoiser
@@ -252,7 +258,7 @@ class DenoiseCore:
         # With a shard, the chains are split across processes; each draws the whole batch's policy noise
         # and keeps its rows (it may have none), so the gathered images equal the unsharded ones.
         rows = slice(None) if self.shard is None else self.shard.part(n)
-        c = conditions[rows] if conditions is not None else None
+        c = self.conditions.denoiser_input(conditions[rows]) if conditions is not None else None
         noise = sampling.GlobalBatchNoise(generator, n, rows)
         x = sampling.denoise_chain(self.denoiser, x[rows], self.schedule, c, noise=noise)
         return x if self.shard is None else self.shard.all_gather(x)
@@ -274,18 +280,27 @@ class DenoiseCore:
                 if k < self.num_steps:
                     x = sampling.add_noise(references, noise, k, self.probe_schedule)
                     images = sampling.run_chain(
-                        self.denoiser, x, self.probe_schedule, self.condition_input(conditions), start=k
+                        self.denoiser, x, self.probe_schedule, self.conditions.denoiser_input(conditions), start=k
                     )
-                rewards = self.reward_fn(sampling.to_unit_range(images), self.condition_input(conditions))
+                rewards = self.score(images, conditions)
             if self.shard is not None:  # float64 on every process: exact for float32 and float64 rewards
                 images, rewards = self.shard.all_gather(images), self.shard.all_gather(rewards.double())
             return ProbeResult(rewards=rewards, images=images)
 
         return run
 
-    def condition_input(self, c: Tensor) -> Tensor | None:
-        """What the denoiser and the reward receive as conditions: ``c``, or ``None`` for an unconditional model."""
-        return c if self.num_classes is not None else None
+    def condition_input(self, c: Tensor) -> Any:
+        """What the reward receives as conditions for ids ``c``: class ids (``None`` unconditional) or prompts."""
+        return self.conditions.reward_input(c)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Images in ``[0, 1]`` of clean states ``x`` (the family's ``decode``: the VAE for latents, in chunks)."""
+        return self.family.decode(x)
+
+    @torch.no_grad()
+    def score(self, x: Tensor, c: Tensor) -> Tensor:
+        """The reward ``r(decode(x), conditions of c)`` of clean states ``x`` with condition ids ``c``."""
+        return self.reward_fn(self.decode(x), self.condition_input(c))
 
     @torch.no_grad()
     def predict_x0(self) -> Tensor:
@@ -298,7 +313,7 @@ class DenoiseCore:
         k = self.k.clamp(max=self.num_steps - 1)
         t = self.schedule.timesteps.to(self.device)[k]
         x0, _ = sampling.predict_x0_eps(
-            self.denoiser(self.x, t, self.condition_input(self.c)), self.x, k, self.schedule
+            self.denoiser(self.x, t, self.conditions.denoiser_input(self.c)), self.x, k, self.schedule
         )
         return x0.float()
 
@@ -308,15 +323,16 @@ class DenoiseCore:
         rng: np.random.Generator,
         indices: np.ndarray | None = None,
         start_step: int | None = None,
-        condition: int | None = None,
+        condition: Any = None,
     ) -> None:
         """Start new episodes for the envs in ``indices`` (default: all, a new batch).
 
         With a :class:`Shard`, the draws are those of the whole global batch and this core keeps its
         block, so ``indices`` must be all envs (a shared-start batch ends everywhere at once).
+        ``condition``: a class id, or a prompt (or prompt id) of a text-to-image model.
         """
         if condition is not None:
-            condition = check_condition(condition, self.num_classes)
+            condition = self.conditions.check(condition)
         if start_step is not None and (not _is_int(start_step) or not 0 <= start_step < self.num_steps):
             raise ValueError(f"start_step must be an int in [0, {self.num_steps - 1}], got {start_step!r}")
         idx = np.arange(self.num_envs) if indices is None else np.asarray(indices)
@@ -353,10 +369,7 @@ class DenoiseCore:
             x = sampling.add_noise(images, noise, k0, self.schedule)
         else:
             x = noise
-            if self.num_classes is None:
-                c = torch.zeros(n, dtype=torch.long)
-            else:
-                c = torch.from_numpy(rng.integers(0, self.num_classes, size=n))
+            c = self.conditions.draw(n, rng)
             c, group = c.to(self.device), torch.full((n,), -1, dtype=torch.long, device=self.device)
         if condition is not None:
             c = torch.full_like(c, int(condition))
@@ -407,7 +420,7 @@ class DenoiseCore:
             return rewards, terminated
         done = None if terminated.all() else torch.from_numpy(np.flatnonzero(terminated)).to(self.device)
         x, c = (self.x, self.c) if done is None else (self.x[done], self.c[done])
-        r = self.reward_fn(sampling.to_unit_range(x), self.condition_input(c)).to(self.device).float()
+        r = self.score(x, c).to(self.device).float()
         if done is None:
             return r, terminated
         return rewards.index_copy_(0, done, r), terminated
@@ -423,13 +436,12 @@ class DenoiseCore:
         return {"c": self.c.clone(), "t": self.timesteps(), "x_t": self.x.clone()}
 
     # ----------------------------------------------------------------------------------- spaces
-    def single_spaces(self) -> tuple[spaces.Dict, spaces.Box]:
-        """The observation and action spaces of one env."""
-        num_c = self.num_classes or 1
+    def single_spaces(self, vector: bool = False) -> tuple[spaces.Dict, spaces.Box]:
+        """The observation and action spaces of one env (``vector=True``: ``c`` as condition ids)."""
         image = spaces.Box(-PIXEL_BOUND, PIXEL_BOUND, shape=self.sample_shape, dtype=np.float32)
         observation = spaces.Dict(
             {
-                "c": spaces.Discrete(num_c),
+                "c": spaces.Discrete(self.conditions.size) if vector else self.conditions.single_space(),
                 "t": spaces.Discrete(self.schedule.num_train_timesteps),
                 "x_t": image,
             }
@@ -455,6 +467,7 @@ class DenoiseCore:
             k_host = self.shard.all_gather(k_host.to(self.device))
         return {
             "window": self.window.state_dict(),
+            "conditions": self.conditions.state_dict(),
             "next_group": self._next_group,
             "episodes_since_batch": self._episodes_since_batch,
             "started": self.started,
@@ -473,6 +486,7 @@ class DenoiseCore:
                     "(num_envs or model changed?)"
                 )
         self.window.load_state_dict(state["window"])
+        self.conditions.load_state_dict(state.get("conditions", {}))
         self._next_group = int(state["next_group"])
         self._episodes_since_batch = int(state["episodes_since_batch"])
         self.started = bool(state["started"])
@@ -483,11 +497,13 @@ class DenoiseCore:
 
 _ENV_DOC_ARGS = """
     Args:
-        model: a model spec for :func:`diffusion_gym.models.load_model` (default ``"embedded:digits"``)
-            or an already loaded ``LoadedModel``.
+        model: a model spec for :func:`diffusion_gym.families.load_family` (default ``"embedded:digits"``;
+            ``"random:sd-tiny"``, a Stable Diffusion / SDXL pipeline folder or cached hub id for text
+            to image), a loaded ``ModelFamily`` or a ``LoadedModel``.
         reward: a registered reward name (``"jpeg_compressibility"``, ``"jpeg_incompressibility"``,
             ``"laion_aesthetic"``, ``"digit_confidence"``) or a callable
-            ``(images in [0, 1], conditions) -> (B,) tensor``.
+            ``(images in [0, 1], conditions) -> (B,) tensor``; ``conditions`` are class ids (``None``
+            for an unconditional model) or, for a text-to-image model, the list of prompts.
         window: ``"full"`` (DDPO), ``"hrf"``, ``"hrf-baseline"``, ``"hrf-early"``, ``"hrf-later"``,
             ``"hrf-d"``, a list of ``(a, b)`` step-index clusters, or a ``WindowStrategy``.
         num_steps: K, the number of DDIM/DDPM steps (paper: 40).
@@ -495,7 +511,8 @@ _ENV_DOC_ARGS = """
         scheduler: ``"ddim"`` (default) or ``"ddpm"``.
         references: clean images windowed episodes start from: ``"digits"`` (default for the embedded
             model), ``"model"`` (samples of the current denoiser; default for other models), a
-            folder, a tensor of images in ``[0, 1]`` or a ``ReferenceSource``.
+            folder (class subfolders; for a text-to-image model captioned images, encoded by the
+            VAE), a tensor of images in ``[0, 1]`` or a ``ReferenceSource``.
         denoiser: the current policy's network for HRF-D probes and model references (a UNet or a
             ``(x, t, c) -> output`` callable); default: the loaded base model.
         samples_per_reference: episodes started from each reference in a batch (one advantage group).
@@ -513,6 +530,16 @@ _ENV_DOC_ARGS = """
             ``denoiser`` at the image the step leaves: one extra denoiser call per step (no gradient).
             It equals the policy's own ``denoise_step(...).x0`` when the policy is the env's denoiser
             (``set_denoiser``). Default ``False``: no cost.
+        prompts: a text-to-image model's prompt source: ``"animals"`` (default, a built-in set), a
+            text file (one prompt per line), a list of prompts, a callable ``fn(rng) -> str`` or a
+            ``PromptSource`` (:mod:`diffusion_gym.prompts`). Episodes draw their prompt from it.
+        negative_prompt: a text-to-image model's negative prompt (``None``: the pipeline's default
+            unconditional input).
+        guidance_scale: classifier-free guidance ``ε_u + g(ε_c − ε_u)`` of the env's denoiser (probes,
+            model references); default: the model's (7.5 SD, 5 SDXL, 1 pixel models). A trained
+            policy uses its own, which the agents keep equal.
+        conditions: (:class:`DenoiseCore` only) a built :class:`~diffusion_gym.conditions.ConditionSet`
+            shared with the agent's policy (instead of ``prompts``/``negative_prompt``).
 """
 
 
@@ -544,6 +571,12 @@ class _CoreFrontEnd:
         """See :meth:`DenoiseCore.set_denoiser`."""
         self.core.set_denoiser(denoiser)
 
+    @property
+    def prompts(self) -> list[str] | None:
+        """A text-to-image env's prompts by id (``obs["c"]`` of the vector env indexes them); ``None`` otherwise."""
+        conditions = self.core.conditions
+        return conditions.prompts if isinstance(conditions, PromptConditions) else None
+
     def _begin(self, rng: np.random.Generator, options: dict[str, Any] | None) -> None:
         """Start episodes as ``reset`` does, after checking ``options``."""
         options = dict(options or {})
@@ -571,11 +604,15 @@ class DiffusionDenoiseEnv(_CoreFrontEnd, gym.Env[dict[str, Any], np.ndarray]):
     ## Observation Space
     ``Dict({"c": Discrete(num_classes), "t": Discrete(T), "x_t": Box(-10, 10, (C, H, W), float32)})``:
     the condition (class id; always 0 for an unconditional model), the scheduler timestep of the
-    current image (0 once clean) and the noisy image itself.
+    current image (0 once clean) and the noisy image itself. For a text-to-image (latent) model,
+    ``"c"`` is ``Text``: the prompt, and ``x_t`` the latent (``C, H, W`` of the latent space; actions
+    are latents too). Stable-Baselines3 does not take ``Text`` observations: wrap the env in
+    :class:`~diffusion_gym.wrappers.PromptIdObservation` (``"c"`` becomes the prompt's id).
 
     ## Rewards
     0 at every step but the last; at the last, ``r(x_0, c)`` on the final image mapped to ``[0, 1]``
-    (JPEG (in)compressibility in kB, the LAION aesthetic score, or any callable).
+    (JPEG (in)compressibility in kB, the LAION aesthetic score, or any callable). A latent ``x_0`` is
+    decoded by the model's VAE first (in chunks, no gradient); a text model's reward gets the prompts.
 
     ## Starting State
     The window strategy picks the start step index ``k_0`` (0 = noisiest). With ``"full"`` the
@@ -609,7 +646,7 @@ class DiffusionDenoiseEnv(_CoreFrontEnd, gym.Env[dict[str, Any], np.ndarray]):
     def _obs(self) -> dict[str, Any]:
         obs = self.core.observation()
         return {
-            "c": np.int64(obs["c"][0].item()),
+            "c": self.core.conditions.single_value(int(obs["c"][0].item())),
             "t": np.int64(obs["t"][0].item()),
             "x_t": obs["x_t"][0].detach().cpu().numpy().astype(np.float32),
         }
@@ -661,14 +698,15 @@ class DiffusionDenoiseEnv(_CoreFrontEnd, gym.Env[dict[str, Any], np.ndarray]):
         """The current image as an ``H × W × 3`` uint8 array (``render_mode="rgb_array"``)."""
         if self.render_mode != "rgb_array":
             return None
-        return _to_rgb(self.core.x[0])
+        return _to_rgb(self.core.decode(self.core.x[:1])[0])
 
 
 class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
     """``num_envs`` denoising episodes as one batch of torch tensors (native vector env).
 
     Everything stays on ``device``: observations are dicts of tensors (``"c"``, ``"t"``: ``(B,)``
-    int64; ``"x_t"``: ``(B, C, H, W)`` float32), actions a ``(B, C, H, W)`` tensor (a float numpy array,
+    int64; ``"x_t"``: ``(B, C, H, W)`` float32; for a text-to-image model ``"c"`` holds prompt ids,
+    the prompts being :attr:`prompts`), actions a ``(B, C, H, W)`` tensor (a float numpy array,
     such as a sample of ``action_space``, is accepted and moved to the device), rewards a
     ``(B,)`` float32 tensor, terminations and truncations ``(B,)`` bool tensors. The reward is
     computed once per batch, for all envs that finish at a step.
@@ -724,7 +762,7 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
         self.device = self.core.device
         self.check = check_actions
         self.render_mode = render_mode
-        self.single_observation_space, self.single_action_space = self.core.single_spaces()
+        self.single_observation_space, self.single_action_space = self.core.single_spaces(vector=True)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._np_random: np.random.Generator | None = None
@@ -799,11 +837,12 @@ class DiffusionDenoiseVectorEnv(_CoreFrontEnd, VectorEnv):
         """The current images as ``H × W × 3`` uint8 arrays."""
         if self.render_mode != "rgb_array":
             return None
-        return tuple(_to_rgb(x) for x in self.core.x)
+        return tuple(_to_rgb(image) for image in self.core.decode(self.core.x))
 
 
-def _to_rgb(x: Tensor) -> np.ndarray:
-    image = (sampling.to_unit_range(x) * 255).round().byte().cpu()
+def _to_rgb(image: Tensor) -> np.ndarray:
+    """An image in ``[0, 1]`` as an ``H × W × 3`` uint8 array."""
+    image = (image * 255).round().byte().cpu()
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return image.permute(1, 2, 0).numpy()

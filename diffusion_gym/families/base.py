@@ -15,6 +15,7 @@ conditions without knowing what they hold.
 from __future__ import annotations
 
 import abc
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -175,6 +176,9 @@ class ModelFamily(abc.ABC):
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the images :meth:`decode` returns and :meth:`encode_images` takes."""
 
+    text_conditioned: bool = False
+    """Whether the model is conditioned on prompts (:class:`~diffusion_gym.conditions.PromptConditions`)."""
+
     @property
     def default_guidance_scale(self) -> float:
         """The guidance scale the model's own pipeline uses by default (1.0: no guidance)."""
@@ -231,11 +235,21 @@ class ModelFamily(abc.ABC):
     def encode_images(self, images: Tensor, batch_size: int = 16) -> Tensor:
         """Clean states ``x_0`` from images in ``[0, 1]`` (HRF references), without gradients, in chunks."""
 
+    def with_denoiser(self, network: nn.Module) -> ModelFamily:
+        """This family with ``network`` as its denoiser (e.g. a frozen copy: the reference of a KL penalty).
+
+        The other components (VAE, text encoders, scheduler) are shared, not copied.
+        """
+        other = copy.copy(self)
+        other.denoiser = network
+        return other
+
     def chain_denoiser(self, guidance_scale: float | None = None, network: Network | None = None) -> Denoiser:
         """This family as a :data:`diffusion_gym.sampling.Denoiser` ``(x, t, cond) -> model_output``.
 
         The result runs in :func:`diffusion_gym.sampling.denoise_chain` and ``generate``, with a
-        :class:`Conditioning` as the chain's condition.
+        :class:`Conditioning` as the chain's condition (a tensor of class ids and ``None`` are read as
+        ``Conditioning(labels=ids)`` and ``Conditioning()``).
 
         Args:
             guidance_scale: default: :attr:`default_guidance_scale`.
@@ -246,6 +260,8 @@ class ModelFamily(abc.ABC):
         def denoise(x: Tensor, t: Tensor, cond: Any) -> Tensor:
             if cond is None:
                 cond = Conditioning()
+            elif isinstance(cond, Tensor):
+                cond = Conditioning(labels=cond)
             return self.model_output(x, t, cond, scale, network=network)
 
         return denoise

@@ -121,6 +121,7 @@ class LatentTextFamily(ModelFamily):
     """
 
     name = "latent-text"
+    text_conditioned = True
 
     def __init__(
         self,

@@ -6,7 +6,8 @@ latent channels, scale factor 2: 16×16 images), two-layer CLIP text encoders of
 tokenizer over a small byte-level BPE vocabulary that :func:`write_tiny_clip_vocab` writes (every
 byte is a token, so any prompt tokenizes without unknown tokens; a few merges make common prompt
 words single tokens). Weights are drawn from a seed; the scheduler is Stable Diffusion's DDIM config
-(scaled-linear betas, ``steps_offset=1``, ``set_alpha_to_one=False``).
+(scaled-linear betas, ``steps_offset=1``, ``set_alpha_to_one=False``) with v-prediction (see
+:data:`SD_SCHEDULER`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ SD_SCHEDULER = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "timestep_spacing": "leading",
 }
-"""Stable Diffusion's scheduler config (as in SD 1.5's ``scheduler_config.json``), for a ``DDIMScheduler``."""
+"""Stable Diffusion's scheduler config (SD 1.5's ``scheduler_config.json``, with SD 2.x's v-prediction).
+
+The tiny models predict ``v`` (as SD 2.x 768-v does): a *random* network's ε prediction is not the
+noise, so the chain's ``x̂0 = (x − √(1−ᾱ) ε̂)/√ᾱ`` grows ~1/√ᾱ at the noisy steps and random samples
+reach |x| ≈ 70, outside the env's bounds; with v-prediction ``x̂0 = √ᾱ x − √(1−ᾱ) v̂`` stays at unit
+scale. ``scheduler_overrides={"prediction_type": "epsilon"}`` gives SD 1.x's parameterisation."""
 
 
 def byte_symbols() -> list[str]:
