@@ -138,7 +138,8 @@ def _hf_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _downloads_allowed(allow_download: bool | None) -> bool:
+def downloads_allowed(allow_download: bool | None = None) -> bool:
+    """``allow_download``, or (``None``) whether ``HF_HUB_OFFLINE`` leaves hub downloads on."""
     if allow_download is not None:
         return allow_download
     from huggingface_hub import constants
@@ -158,7 +159,7 @@ def _resolve_hub(repo_id: str, allow_download: bool | None, cache_dir: str | Non
         return path
     except Exception as cached_error:  # noqa: BLE001 - any cache miss falls through to the clear error
         reason = f"not in the cache ({type(cached_error).__name__})"
-        if _downloads_allowed(allow_download):
+        if downloads_allowed(allow_download):
             try:
                 return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
             except Exception as download_error:  # noqa: BLE001

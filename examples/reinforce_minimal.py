@@ -4,7 +4,10 @@ A CleanRL-style single file: the whole algorithm is readable top to bottom, and 
 with the environment is Gymnasium's ``gym.make_vec`` / ``reset`` / ``step`` on ``DiffusionDenoise-v0``
 — proof that any Gymnasium-speaking algorithm plugs in. The policy is the UNet read as a Gaussian,
 ``π(x_{t-1} | x_t) = N(μ_θ(x_t, t, c), σ_t² I)``, with the math of :mod:`diffusion_gym.sampling`
-(mean and σ of the DDIM step, log-prob averaged over pixels).
+(mean and σ of the DDIM step, log-prob averaged over pixels). The UNet is called through its model
+family (:mod:`diffusion_gym.families`), so the same file trains a text-to-image model: with
+``--model random:sd-tiny`` the observations' ``c`` are prompt ids into ``envs.prompts``, ``x_t`` are
+latents, and the family applies classifier-free guidance (``--guidance-scale``).
 
 The algorithm is REINFORCE with the PPO clipped ratio (so that a batch can serve several gradient
 steps): per iteration, roll out batches of episodes, standardise each episode's final reward within
@@ -23,6 +26,7 @@ images noisier, which costs compressibility for many iterations). Evaluation: 12
 noise before and after, so the gain is measured on paired episodes. Run::
 
     python examples/reinforce_minimal.py [--iterations 12] [--reward jpeg_compressibility]
+    python examples/reinforce_minimal.py --model random:sd-tiny --guidance-scale 5 --iterations 1
 """
 
 from __future__ import annotations
@@ -37,13 +41,15 @@ import torch
 
 import diffusion_gym  # noqa: F401  (registers DiffusionDenoise-v0)
 from diffusion_gym import sampling
-from diffusion_gym.models import load_model
+from diffusion_gym.families import Conditioning, ModelFamily, load_family
 
 
 @dataclass
 class Args:
     """Settings (every one is a command-line flag)."""
 
+    model: str = "embedded:digits"  # or a text-to-image model: random:sd-tiny, a Stable Diffusion folder
+    guidance_scale: float = 1.0  # classifier-free guidance of a text-to-image model (1: none)
     reward: str = "jpeg_compressibility"
     num_steps: int = 20  # K, steps of the DDIM chain (eta = 1: every step but the last is stochastic)
     window_start: int = 10  # episodes start at a step index in [window_start, window_end] ...
@@ -77,6 +83,8 @@ def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
         "DiffusionDenoise-v0",
         num_envs=num_envs,
         vectorization_mode="vector_entry_point",
+        model=args.model,
+        guidance_scale=args.guidance_scale,
         reward=args.reward,
         num_steps=args.num_steps,
         window=[(args.window_start, args.window_end)],
@@ -84,9 +92,21 @@ def make_envs(args: Args, num_envs: int) -> gym.vector.VectorEnv:
     )
 
 
-def policy_step(unet, schedule, obs, info, x_prev=None, generator=None) -> sampling.StepOutput:
+@dataclass
+class Policy:
+    """The model (its UNet is trained), the chain's schedule and the encoded conditions by id."""
+
+    family: ModelFamily
+    schedule: sampling.DenoisingSchedule
+    conditions: Conditioning  # row i: condition id i (a class id, or the prompt envs.prompts[i])
+    guidance_scale: float
+
+
+def policy_step(policy: Policy, obs, info, x_prev=None, generator=None) -> sampling.StepOutput:
     """The Gaussian policy at ``obs``: sample ``x_{t-1}`` (or score ``x_prev``) and its log-prob."""
-    model_output = unet(obs["x_t"], obs["t"], class_labels=obs["c"]).sample
+    cond = policy.conditions[obs["c"]]
+    model_output = policy.family.model_output(obs["x_t"], obs["t"], cond, policy.guidance_scale)
+    schedule = policy.schedule
     k = info["step_index"]  # the step index (0 = noisiest) picks the DDIM coefficients
     return sampling.denoise_step(model_output, obs["x_t"], k, schedule, x_prev=x_prev, generator=generator)
 
@@ -101,12 +121,12 @@ def group_standardize(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate(envs, unet, schedule, seed: int) -> torch.Tensor:
+def evaluate(envs, policy: Policy, seed: int) -> torch.Tensor:
     """Rewards of one fixed batch of episodes (fixed references, starts, env noise and policy noise)."""
     obs, info = envs.reset(seed=seed)
     generator = torch.Generator().manual_seed(seed)
     while True:
-        step = policy_step(unet, schedule, obs, info, generator=generator)
+        step = policy_step(policy, obs, info, generator=generator)
         obs, reward, terminated, truncated, info = envs.step(step.x_prev)
         if terminated.all():
             return reward
@@ -116,15 +136,19 @@ def main(args: Args) -> dict[str, float]:
     """Train; return the evaluation numbers (also printed)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    unet, scheduler = load_model("embedded:digits")
-    schedule = sampling.make_schedule(scheduler, args.num_steps, eta=1.0)  # the env's chain: same K and eta
+    family = load_family(args.model)
+    unet = family.denoiser
+    schedule = sampling.make_schedule(family.scheduler, args.num_steps, eta=1.0)  # the env's chain: same K and eta
     stochastic = ~schedule.deterministic  # the σ = 0 last step is not an action
     envs, eval_envs = make_envs(args, args.num_envs), make_envs(args, args.eval_episodes)
+    prompts = envs.unwrapped.prompts  # a text-to-image env's prompts by id; None for class ids
+    ids = prompts if prompts is not None else torch.arange(envs.single_observation_space["c"].n)
+    policy = Policy(family, schedule, family.encode_conditions(ids), args.guidance_scale)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(args.seed)
 
     unet.eval()
-    base = evaluate(eval_envs, unet, schedule, args.eval_seed)
+    base = evaluate(eval_envs, policy, args.eval_seed)
     start = time.perf_counter()
     obs, info = envs.reset(seed=args.seed)
     for iteration in range(args.iterations):
@@ -134,7 +158,7 @@ def main(args: Args) -> dict[str, float]:
             for _ in range(args.batches_per_iteration):
                 batch = []
                 while True:
-                    step = policy_step(unet, schedule, obs, info, generator=generator)
+                    step = policy_step(policy, obs, info, generator=generator)
                     if stochastic[info["step_index"][0]]:
                         batch.append((obs, info["step_index"], step.x_prev, step.log_prob))
                     obs, reward, terminated, truncated, info = envs.step(step.x_prev)
@@ -159,7 +183,7 @@ def main(args: Args) -> dict[str, float]:
         unet.train()
         for idx in torch.randperm(len(x), generator=generator).tensor_split(args.minibatches):
             minibatch_obs, minibatch_info = {"x_t": x[idx], "t": t[idx], "c": c[idx]}, {"step_index": k[idx]}
-            new = policy_step(unet, schedule, minibatch_obs, minibatch_info, x_prev=x_prev[idx])
+            new = policy_step(policy, minibatch_obs, minibatch_info, x_prev=x_prev[idx])
             ratio = torch.exp(new.log_prob - old_log_prob[idx])
             clipped = torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
             loss = -torch.min(adv[idx] * ratio, adv[idx] * clipped).mean()
@@ -173,7 +197,7 @@ def main(args: Args) -> dict[str, float]:
         print(f"iteration {iteration + 1:2d}: episode reward {r.mean():.4f} ± {se:.4f}, lr {lr:.1e}", flush=True)
     seconds = time.perf_counter() - start
 
-    final = evaluate(eval_envs, unet, schedule, args.eval_seed)
+    final = evaluate(eval_envs, policy, args.eval_seed)
     gain = final - base  # paired: same references, starts and noise
     n = len(gain)
     result = {

@@ -8,8 +8,8 @@ import torch
 from _tiny_unet import tiny_unet
 from diffusers import DDIMScheduler
 
+from diffusion_gym.conditions import check_condition
 from diffusion_gym.envs import DenoiseCore, DiffusionDenoiseEnv, DiffusionDenoiseVectorEnv
-from diffusion_gym.envs.denoise import check_condition
 from diffusion_gym.models import LoadedModel, load_model
 
 K = 4

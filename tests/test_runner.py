@@ -40,8 +40,8 @@ class GroupReinforce(Algorithm):
 
     def __init__(self, config: ToyConfig, run: RunContext) -> None:
         super().__init__(config, run)
-        self.policy = DiffusionPolicy(run.loaded.unet, run.schedule)
-        self.envs = make_env(config, self.policy, run.loaded)
+        self.policy = run.make_policy()
+        self.envs = make_env(config, self.policy, run.family)
         self.collector = Collector(self.envs, self.policy, run.generator)
         self.optimizer = torch.optim.Adam(self.policy.trainable_parameters(), lr=config.train.learning_rate)
 

@@ -65,7 +65,7 @@ import secrets
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -269,11 +269,19 @@ def _prune(root: Path, current: str, keep: int) -> None:
 
 
 def _write_contents(
-    tmp: Path, unet: ModelMixin, scheduler: Any | None, encoded: Any, extra: dict[str, dict[str, Tensor]]
+    tmp: Path,
+    unet: ModelMixin | None,
+    scheduler: Any | None,
+    encoded: Any,
+    extra: dict[str, dict[str, Tensor]],
+    exports: dict[str, Callable[[Path], None]],
 ) -> None:
-    """The UNet (diffusers format), the scheduler and pipeline index, the trainer state, the extra weights."""
-    unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
-    if scheduler is not None:
+    """The UNet (diffusers format), the scheduler and pipeline index, the trainer state, the extra weights, exports."""
+    if unet is not None:
+        unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+    for folder, write in exports.items():
+        write(tmp / folder)
+    if scheduler is not None and unet is not None:
         scheduler.save_pretrained(tmp / "scheduler")
         # diffusion_gym.ClassConditionalPipeline samples class-conditional UNets (DDPMPipeline cannot); an explicit
         # class still loads the folder whatever it names: DDPMPipeline.from_pretrained(ckpt) works as before
@@ -332,11 +340,12 @@ def _move_into_place(root: Path, tmp: Path, final: Path) -> None:
 def save_checkpoint(
     run_dir: str | Path,
     epoch: int,
-    unet: ModelMixin,
+    unet: ModelMixin | None,
     state: dict[str, Any],
     keep: int = 2,
     extra_weights: dict[str, dict[str, Tensor]] | None = None,
     scheduler: Any | None = None,
+    exports: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
     """Atomically write ``run_dir/checkpoints/epoch-{epoch:06d}/`` and point ``checkpoints/latest`` at it.
 
@@ -350,6 +359,7 @@ def save_checkpoint(
         epoch: Non-negative epoch number (names the directory). Re-saving an existing epoch replaces it.
         unet: A diffusers ``ModelMixin`` (e.g. ``UNet2DModel``); saved with
             ``save_pretrained(..., safe_serialization=True)``. A ``torch.compile`` wrapper is unwrapped.
+            ``None``: no ``unet/`` folder (a LoRA run of a large model keeps only its adapters).
         state: Trainer state (optimizer and lr-scheduler state dicts, :func:`capture_rng_state`, epoch,
             window and stat-tracker state, config, ...), saved without pickle: see
             :mod:`agents.common.state_io` for the supported types (nested dicts, lists, tuples, scalars,
@@ -361,6 +371,8 @@ def save_checkpoint(
             ``model_index.json`` naming :class:`diffusion_gym.ClassConditionalPipeline`, so the checkpoint is a
             pipeline folder (``ClassConditionalPipeline.from_pretrained(ckpt)``, also
             ``DDPMPipeline.from_pretrained(ckpt)``, ``load_model(ckpt)``).
+        exports: ``{folder: write}``: each ``write(path)`` fills ``<checkpoint>/<folder>/`` (e.g. a LoRA
+            folder in diffusers' format), inside the atomic write.
 
     Returns:
         The path of the new checkpoint directory.
@@ -383,6 +395,10 @@ def save_checkpoint(
     encoded = encode_state(state)  # refuses unsupported values before anything is written
     prepared = {extra_name: _prepare_tensors(extra_name, tensors) for extra_name, tensors in extra_weights.items()}
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile wrapper
+    exports = dict(exports or {})
+    for folder in exports:
+        if not isinstance(folder, str) or not _EXTRA_NAME_RE.fullmatch(folder) or folder in (UNET_DIR, "scheduler"):
+            raise ValueError(f"invalid export folder {folder!r}: use letters, digits, '_', '.' and '-' (not unet)")
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -393,7 +409,7 @@ def save_checkpoint(
     tmp = _new_tmp_path(root, name)
     tmp.mkdir()
     try:
-        _write_contents(tmp, unet, scheduler, encoded, prepared)
+        _write_contents(tmp, unet, scheduler, encoded, prepared, exports)
         _write_meta(tmp, epoch, sorted(extra_weights))
         _move_into_place(root, tmp, final)
     except BaseException:

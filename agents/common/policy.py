@@ -89,6 +89,12 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
 
 
+def lora_adapter_config(unet: nn.Module) -> dict[str, Any]:
+    """The injected adapter's ``LoraConfig`` as a JSON-able dict (rank, alpha, target modules)."""
+    config = unet.peft_config["default"].to_dict()
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+
+
 def load_lora_state_dict(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load adapter weights written by :func:`lora_state_dict` into a LoRA-injected UNet."""
     from peft import set_peft_model_state_dict

@@ -229,9 +229,13 @@ class Algorithm(ABC):
         """Named tensor dicts saved next to the UNet as safetensors (EMA, LoRA adapters, a value net)."""
         return {}
 
-    def export_unet(self) -> nn.Module:
-        """The UNet to write in diffusers format (adapters merged, if any)."""
+    def export_unet(self) -> nn.Module | None:
+        """The UNet to write in diffusers format (adapters merged, if any); ``None``: no ``unet/`` folder."""
         return self.policy.unet
+
+    def exports(self) -> dict[str, Callable[[Path], None]]:
+        """``{folder: write}`` written into each checkpoint (e.g. a LoRA folder in diffusers' format)."""
+        return {}
 
     def load_policy_weights(self, checkpoint: Checkpoint) -> None:
         """Load the checkpoint's UNet into :attr:`policy`."""
@@ -643,6 +647,7 @@ class _Session:
                 state.to_dict(),
                 keep=self.config.keep_checkpoints,
                 extra_weights=algo.extra_weights(),
-                scheduler=self.family.scheduler,
+                scheduler=None if self.family.text_conditioned else self.family.scheduler,
+                exports=algo.exports(),
             )
         dist.barrier()  # a checkpoint is complete on disk before any rank goes on (or returns)

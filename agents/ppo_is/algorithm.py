@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +42,14 @@ from ..common.config import ConfigError
 from ..common.distributed import Distributed, DistributedError
 from ..common.drift import ConditionNoise, DriftAdvantages
 from ..common.micro_batch import MicroBatchSize
-from ..common.policy import DiffusionPolicy, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
+from ..common.policy import (
+    DiffusionPolicy,
+    add_lora,
+    load_lora_state_dict,
+    lora_adapter_config,
+    lora_state_dict,
+    merged_copy,
+)
 from ..common.rollout import Rollout
 from ..common.runner import Algorithm, EpochStats, RunContext, TrainingDivergedError
 from .config import Config, TrainConfig
@@ -359,9 +368,27 @@ class PPOIS(Algorithm):
             extra["lora"] = lora_state_dict(self.policy.unet)
         return extra
 
-    def export_unet(self) -> nn.Module:
-        """The UNet with any LoRA adapters merged (diffusers format)."""
-        return merged_copy(self.policy.unet) if self.config.train.lora_rank > 0 else self.policy.unet
+    def _lora_for_text(self) -> bool:
+        return self.config.train.lora_rank > 0 and self.policy.family.text_conditioned
+
+    def export_unet(self) -> nn.Module | None:
+        """The UNet with any LoRA adapters merged (diffusers format); none for a text model's LoRA unless asked."""
+        t = self.config.train
+        if t.lora_rank == 0:
+            return self.policy.unet
+        merged = t.save_merged_unet if t.save_merged_unet is not None else not self.policy.family.text_conditioned
+        return merged_copy(self.policy.unet) if merged else None
+
+    def exports(self) -> dict[str, Callable[[Path], None]]:
+        """Text models' LoRA: ``lora/`` in diffusers' format (``pipe.load_lora_weights(ckpt / 'lora')``)."""
+        if not self._lora_for_text():
+            return {}
+        unet, family = self.policy.unet, self.policy.family
+
+        def write(folder: Path) -> None:
+            family.save_lora_weights(folder, lora_state_dict(unet), lora_adapter_config(unet))
+
+        return {"lora": write}
 
     def load_policy_weights(self, checkpoint: Checkpoint) -> None:
         """The UNet; with LoRA, the base weights come from ``config.model`` and the adapters from the checkpoint."""

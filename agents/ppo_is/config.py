@@ -65,6 +65,11 @@ class TrainConfig(_Section):
     )
     lora_rank: int = Field(0, ge=0, description="LoRA rank via peft (0: full fine-tuning)")
     lora_alpha: float = Field(0.0, ge=0, description="LoRA alpha (0: = rank)")
+    save_merged_unet: bool | None = Field(
+        None,
+        description="with LoRA, also write the merged UNet per checkpoint (default: pixel models yes, text models "
+        "no: their checkpoint is the lora/ folder)",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute UNet activations in the backward pass: less memory, ~1 more forward"
     )

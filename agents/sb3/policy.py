@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from agents.common.policy import DiffusionPolicy
 from diffusion_gym import sampling
-from diffusion_gym.models import load_model
+from diffusion_gym.conditions import make_conditions
+from diffusion_gym.families import load_family
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
@@ -143,11 +144,14 @@ class DiffusionActorCriticPolicy(BasePolicy):
         observation_space: the env's ``Dict({"c", "t", "x_t"})`` space.
         action_space: the env's image ``Box``.
         lr_schedule: SB3's learning-rate schedule (its value at progress 1 is the initial rate).
-        model: model spec for :func:`diffusion_gym.models.load_model` (a string, so that saved agents
-            can rebuild the UNet), e.g. ``"embedded:digits"``.
+        model: model spec for :func:`diffusion_gym.families.load_family` (a string, so that saved agents
+            can rebuild the UNet), e.g. ``"embedded:digits"`` or ``"random:sd-tiny"``.
         num_steps: K of the env's chain.
         eta: the env's DDIM eta.
         scheduler: ``"ddim"`` or ``"ddpm"``, as the env.
+        prompts: a text-to-image env's prompt list (the observations' ``"c"`` are ids into it).
+        negative_prompt: a text-to-image env's negative prompt.
+        guidance_scale: the classifier-free guidance of the actor (default: the model's).
         critic_channels: widths of the critic's convolutions.
         critic_embed_dim: width of the critic's embeddings.
         autocast_dtype: run the UNet under autocast with this dtype (``None`` = fp32).
@@ -169,6 +173,9 @@ class DiffusionActorCriticPolicy(BasePolicy):
         num_steps: int = 40,
         eta: float = 1.0,
         scheduler: str = "ddim",
+        prompts: list[str] | None = None,
+        negative_prompt: str | None = None,
+        guidance_scale: float | None = None,
         critic_channels: tuple[int, int] = (16, 32),
         critic_embed_dim: int = 64,
         autocast_dtype: torch.dtype | None = None,
@@ -196,10 +203,15 @@ class DiffusionActorCriticPolicy(BasePolicy):
         self.model_spec, self.num_steps, self.eta, self.scheduler_kind = model, num_steps, eta, scheduler
         self.critic_channels, self.critic_embed_dim = tuple(critic_channels), critic_embed_dim
         self.autocast_dtype = autocast_dtype
+        self.prompts = None if prompts is None else list(prompts)
+        self.negative_prompt, self.guidance_scale = negative_prompt, guidance_scale
 
-        loaded = load_model(model, scheduler=scheduler)
-        schedule = sampling.make_schedule(loaded.scheduler, num_steps, eta=eta)
-        self.actor = DiffusionPolicy(loaded.unet, schedule, autocast_dtype=autocast_dtype)
+        family = load_family(model, scheduler=scheduler)
+        conditions = make_conditions(family, self.prompts, negative_prompt)
+        schedule = sampling.make_schedule(family.scheduler, num_steps, eta=eta)
+        self.actor = DiffusionPolicy(
+            family, schedule, autocast_dtype=autocast_dtype, conditions=conditions, guidance_scale=guidance_scale
+        )
         self.sample_shape = tuple(int(s) for s in action_space.shape)
         self._check_spaces(observation_space, action_space, schedule)
         num_classes = int(observation_space["c"].n)
@@ -211,12 +223,12 @@ class DiffusionActorCriticPolicy(BasePolicy):
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _check_spaces(self, observation_space: spaces.Space, action_space: spaces.Space, schedule: Any) -> None:
-        unet_shape = (self.actor.unet.config.in_channels, *(self.actor.unet.config.sample_size,) * 2)
+        unet_shape = tuple(self.actor.family.sample_shape)
         keys = ("c", "t", "x_t")
         if not isinstance(observation_space, spaces.Dict) or set(observation_space.spaces) != set(keys):
             raise ValueError(f"observation_space must be a Dict with keys {list(keys)}, got {observation_space}")
         if not isinstance(action_space, spaces.Box) or self.sample_shape != unet_shape:
-            raise ValueError(f"action_space must be a Box of the model's image shape {unet_shape}, got {action_space}")
+            raise ValueError(f"action_space must be a Box of the model's state shape {unet_shape}, got {action_space}")
         if observation_space["t"].n != schedule.num_train_timesteps:
             raise ValueError(
                 f"observation 't' has {observation_space['t'].n} timesteps but the model's scheduler has "
@@ -231,6 +243,9 @@ class DiffusionActorCriticPolicy(BasePolicy):
             num_steps=self.num_steps,
             eta=self.eta,
             scheduler=self.scheduler_kind,
+            prompts=self.prompts,
+            negative_prompt=self.negative_prompt,
+            guidance_scale=self.guidance_scale,
             critic_channels=self.critic_channels,
             critic_embed_dim=self.critic_embed_dim,
             autocast_dtype=self.autocast_dtype,
@@ -246,8 +261,8 @@ class DiffusionActorCriticPolicy(BasePolicy):
         if self.actor.schedule.device != device:
             self.actor.schedule = self.actor.schedule.to(device)
 
-    def unpack(self, obs: PyTorchObs) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(x, k, c, c_for_unet)`` from an observation batch (``t`` mapped to the step index ``k``).
+    def unpack(self, obs: PyTorchObs) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, k, c)`` from an observation batch (``t`` mapped to the step index ``k``; ``c`` condition ids).
 
         Raises:
             ValueError: if a timestep is not one of the policy's chain (env and policy differ in
@@ -267,13 +282,13 @@ class DiffusionActorCriticPolicy(BasePolicy):
                 f"observation timesteps {sorted(set(t[k < 0].tolist()))} are not steps of the policy's chain "
                 f"(num_steps={self.num_steps}, scheduler={self.scheduler_kind!r}); valid timesteps: {valid}"
             )
-        return x, k, c, (c if self.actor.conditional else None)
+        return x, k, c
 
     # ------------------------------------------------------------------------------- SB3 API
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Sample actions; return ``(actions (B, C, H, W), values (B, 1), log_probs (B,))``."""
-        x, k, c, c_unet = self.unpack(obs)
-        step = self.actor.act(x, k, c_unet)
+        x, k, c = self.unpack(obs)
+        step = self.actor.act(x, k, c)
         actions, log_prob = step.x_prev, step.log_prob
         if deterministic:
             actions = step.mean.to(x.dtype)
@@ -285,21 +300,21 @@ class DiffusionActorCriticPolicy(BasePolicy):
 
         ``log_prob`` is :meth:`DiffusionPolicy.evaluate`'s: the same number PPO-IS computes.
         """
-        x, k, c, c_unet = self.unpack(obs)
-        step = self.actor.evaluate(x, k, c_unet, actions.reshape(x.shape).to(x.dtype))
+        x, k, c = self.unpack(obs)
+        step = self.actor.evaluate(x, k, c, actions.reshape(x.shape).to(x.dtype))
         entropy = self.action_dist.proba_distribution(step.mean, step.std).entropy()
         return self.critic(x, k, c), step.log_prob, entropy
 
     def get_distribution(self, obs: PyTorchObs) -> PixelMeanGaussian:
         """The action distribution at ``obs`` (mean from the UNet, σ from the scheduler)."""
-        x, k, _, c_unet = self.unpack(obs)
-        out = self.actor.model_output(x, k, c_unet)
+        x, k, c = self.unpack(obs)
+        out = self.actor.model_output(x, k, c)
         mean = sampling.step_mean(out, x, k, self.actor.schedule)
         return PixelMeanGaussian().proba_distribution(mean, sampling.step_std(k, self.actor.schedule, mean))
 
     def predict_values(self, obs: PyTorchObs) -> Tensor:
         """``(B, 1)`` critic values."""
-        x, k, c, _ = self.unpack(obs)
+        x, k, c = self.unpack(obs)
         return self.critic(x, k, c)
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> Tensor:
@@ -308,15 +323,17 @@ class DiffusionActorCriticPolicy(BasePolicy):
     # ------------------------------------------------------------------------------- extras
     @torch.no_grad()
     def generate(self, n: int, seed: int = 1234, conditions: Tensor | None = None) -> Tensor:
-        """``n`` images from fixed noise (:func:`diffusion_gym.sampling.generate`), in ``[-1, 1]``.
+        """``n`` samples from fixed noise (:func:`diffusion_gym.sampling.generate`): images in ``[-1, 1]`` or latents.
 
-        Conditions default to ``i mod num_classes`` for a class-conditional model, so that
-        evaluations of different policies (and of PPO-IS, see ``agents/ppo_is/trainer.py``'s
-        ``evaluate_reward``) are paired image by image.
+        Conditions (ids) default to ``i mod`` the number of conditions (classes, prompts), so that
+        evaluations of different policies (and of PPO-IS's fixed-noise evaluation) are paired image
+        by image. :meth:`generate_images` decodes them.
         """
         self._schedule_on_device()
         if conditions is None and self.actor.conditional:
             conditions = torch.arange(n) % int(self.observation_space["c"].n)
+        if conditions is not None:
+            conditions = self.actor.conditioning(conditions.to(self.device))
         was_training = self.training
         self.set_training_mode(False)
         images = sampling.generate(
@@ -324,6 +341,11 @@ class DiffusionActorCriticPolicy(BasePolicy):
         )
         self.set_training_mode(was_training)
         return images
+
+    @torch.no_grad()
+    def generate_images(self, n: int, seed: int = 1234, conditions: Tensor | None = None) -> Tensor:
+        """:meth:`generate`'s samples as images in ``[0, 1]`` (a latent model's decoded by its VAE)."""
+        return self.actor.family.decode(self.generate(n, seed, conditions))
 
 
 class WarmupSchedule:

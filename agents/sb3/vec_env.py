@@ -153,26 +153,37 @@ class DiffusionVecEnv(VecEnv):
     def policy_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """``policy_kwargs`` that make a :class:`~agents.sb3.DiffusionActorCriticPolicy` match this env.
 
-        The model spec, number of steps, eta and scheduler kind of the env's chain, updated with
+        The model spec, number of steps, eta and scheduler kind of the env's chain (and a text model's
+        prompts, negative prompt and guidance scale), updated with
         ``overrides`` (any policy option). Pass them to the algorithm: ``PPO(DiffusionActorCriticPolicy,
         venv, policy_kwargs=venv.policy_kwargs())``.
 
         Raises:
-            ValueError: if the env was built from a ``LoadedModel`` object and ``model`` is not given
+            ValueError: if the env was built from a model object (not a spec) and ``model`` is not given
                 (the policy needs a spec string to rebuild the UNet when SB3 loads a saved agent).
         """
         core = self.env.core
-        if core.model_spec == "<LoadedModel>" and "model" not in overrides:
+        if core.model_spec.startswith("<") and "model" not in overrides:
             raise ValueError(
-                "the env was built from a LoadedModel object: pass the model's spec string, "
+                f"the env was built from a {core.model_spec[1:-1]} object: pass the model's spec string, "
                 "e.g. venv.policy_kwargs(model='embedded:digits')"
             )
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "model": core.model_spec,
             "num_steps": core.num_steps,
             "eta": core.eta,
             "scheduler": core.schedule.kind,
         }
+        prompts = self.env.prompts
+        if prompts is not None:
+            if core.conditions.source.prompts is None:
+                raise ValueError(
+                    "the SB3 policy maps prompt ids to prompts with a fixed list: build the env with a prompt list "
+                    "(a list, a file or a built-in set), not a prompt function"
+                )
+            kwargs.update(
+                prompts=prompts, negative_prompt=core.conditions.negative_prompt, guidance_scale=core.guidance_scale
+            )
         return {**kwargs, **overrides}
 
     def _to_numpy(self, obs: dict[str, torch.Tensor], info: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:

@@ -34,6 +34,7 @@ adds only the diffusion noise, not the VAE's posterior noise as well.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -312,6 +313,26 @@ class LatentTextFamily(ModelFamily):
         )
         uncond, text = out.chunk(2)
         return uncond + g * (text - uncond)
+
+    def save_lora_weights(self, folder: Path, lora_state: dict[str, Tensor], adapter_config: dict[str, Any]) -> None:
+        """Write the UNet's LoRA adapters as diffusers' LoRA format into ``folder``.
+
+        ``pytorch_lora_weights.safetensors`` with the ``unet.``-prefixed PEFT keys and the adapter's
+        config as metadata, which ``StableDiffusionPipeline.load_lora_weights(folder)`` (SDXL:
+        ``StableDiffusionXLPipeline``) loads.
+
+        Args:
+            folder: the output folder (created).
+            lora_state: ``peft.get_peft_model_state_dict(unet)``.
+            adapter_config: the adapter's ``LoraConfig`` as a dict (rank, alpha, target modules).
+        """
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        pipeline = StableDiffusionXLPipeline if self.variant == "sdxl" else StableDiffusionPipeline
+        folder.mkdir(parents=True, exist_ok=True)
+        pipeline.save_lora_weights(
+            folder, unet_lora_layers=lora_state, unet_lora_adapter_metadata=adapter_config, safe_serialization=True
+        )
 
     def _latent_stats(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
         """``(shift, scale)`` with latents = (VAE mean − shift) · scale (diffusers' SD/SDXL/SD3 conventions)."""

@@ -14,8 +14,10 @@ a local diffusers folder                    latent-text when its ``model_index.j
 a hub id ``"owner/name"``                   the same, read from the Hugging Face cache only
 ==========================================  ==================================================
 
-Nothing is downloaded: a hub id missing from the cache raises
-:class:`~diffusion_gym.models.MissingWeightsError` naming the repository, the cache folder it should be
+Offline first: a hub id is read from the Hugging Face cache without a network call. When it is
+missing, it is downloaded (configs, tokenizers, safetensors weights) only if downloads are on
+(``HF_HUB_OFFLINE`` unset, or ``allow_download=True``); otherwise
+:class:`~diffusion_gym.models.MissingWeightsError` names the repository, the cache folder it should be
 in and how to provide it (``hf download`` elsewhere and copy the cache, or pass a local folder).
 """
 
@@ -35,7 +37,14 @@ from diffusion_gym.families.base import ModelFamily, place
 from diffusion_gym.families.latent_text import LatentTextFamily
 from diffusion_gym.families.pixel import PixelFamily
 from diffusion_gym.families.tiny import TINY_MODELS, build_tiny_family
-from diffusion_gym.models import ARCHITECTURES, DEFAULT_MODEL, SCHEDULER_KINDS, MissingWeightsError, load_model
+from diffusion_gym.models import (
+    ARCHITECTURES,
+    DEFAULT_MODEL,
+    SCHEDULER_KINDS,
+    MissingWeightsError,
+    downloads_allowed,
+    load_model,
+)
 
 LATENT_TEXT_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 """``model_index.json`` class names of the latent-text family, and their variant."""
@@ -89,11 +98,34 @@ def _hub_cache() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def cached_snapshot(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The local snapshot folder of ``repo_id`` in the Hugging Face cache (never downloads).
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+"""Files of a hub repository a download fetches: configs, tokenizers and safetensors weights (``.bin``
+weights only for a repository that has no safetensors)."""
+HUB_SKIPPED = ["*.fp16.*", "*non_ema*", "*.ckpt", "*.onnx*", "*.msgpack"]
+"""What a download skips: fp16 variants, EMA duplicates and other formats of the same weights."""
+
+
+def _download(repo_id: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Download the files a family loads (:data:`HUB_PATTERNS`) into the cache."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = HfApi().list_repo_files(repo_id)
+    patterns = HUB_PATTERNS + ([] if any(f.endswith(".safetensors") for f in files) else ["*.bin"])
+    return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=HUB_SKIPPED, cache_dir=cache_dir))
+
+
+def cached_snapshot(
+    repo_id: str, cache_dir: str | os.PathLike[str] | None = None, allow_download: bool | None = None
+) -> Path:
+    """The local snapshot folder of ``repo_id``: from the Hugging Face cache, else downloaded if allowed.
+
+    Offline first: the cache is read without any network call; a download (configs, tokenizers and
+    safetensors weights only) happens only when the cache misses and ``allow_download`` is true
+    (``None``: unless ``HF_HUB_OFFLINE`` is set), as :func:`diffusion_gym.models.load_model` does.
 
     Raises:
-        MissingWeightsError: when the cache has no snapshot of it (the message says how to provide one).
+        MissingWeightsError: when the cache has no snapshot of it and it was not downloaded (the
+            message says how to provide one).
     """
     from huggingface_hub import snapshot_download
 
@@ -101,15 +133,23 @@ def cached_snapshot(repo_id: str, cache_dir: str | os.PathLike[str] | None = Non
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
     except Exception as error:  # noqa: BLE001 - every cache miss becomes the one clear error
-        repo_folder = cache / f"models--{repo_id.replace('/', '--')}"
-        raise MissingWeightsError(
-            f"model {repo_id!r} is not in the Hugging Face cache ({type(error).__name__}); nothing is downloaded. "
-            f"Expected {repo_folder}/snapshots/<revision>/ with model_index.json and its component folders "
-            "(Stable Diffusion: unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, "
-            f"tokenizer_2/). Cache directory: {cache}. To provide it: run `hf download {repo_id}` on a machine with "
-            f"internet and copy {repo_folder} into this cache (or point HF_HUB_CACHE / HF_HOME at a cache that has "
-            "it), or download the repository to a folder and pass that folder as the model."
-        ) from None
+        reason = type(error).__name__
+    if downloads_allowed(allow_download):
+        try:
+            return _download(repo_id, cache_dir)
+        except Exception as error:  # noqa: BLE001
+            reason = f"{reason}; the download failed: {error}"
+    else:
+        reason = f"{reason}; downloads are off (HF_HUB_OFFLINE=1 or allow_download=False)"
+    repo_folder = cache / f"models--{repo_id.replace('/', '--')}"
+    raise MissingWeightsError(
+        f"model {repo_id!r} is not in the Hugging Face cache ({reason}). "
+        f"Expected {repo_folder}/snapshots/<revision>/ with model_index.json and its component folders "
+        "(Stable Diffusion: unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, "
+        f"tokenizer_2/). Cache directory: {cache}. To provide it: run `hf download {repo_id}` on a machine with "
+        f"internet and copy {repo_folder} into this cache (or point HF_HUB_CACHE / HF_HOME at a cache that has "
+        "it), or download the repository to a folder and pass that folder as the model."
+    )
 
 
 def _latent_scheduler(folder: Path, kind: str, overrides: dict[str, Any] | None) -> Any:
@@ -208,6 +248,7 @@ def load_family(
     scheduler_overrides: dict[str, Any] | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    allow_download: bool | None = None,
 ) -> ModelFamily:
     """Load a model as its family (see the module docstring for the specs).
 
@@ -219,6 +260,8 @@ def load_family(
         scheduler_overrides: scheduler config keys to override (e.g. ``{"prediction_type": "v_prediction"}``).
         seed: ``random:`` specs only: the seed of the random weights.
         cache_dir: hub ids only: the Hugging Face hub cache (default: the library's).
+        allow_download: hub ids missing from the cache only: ``True`` downloads them, ``False`` never
+            does, ``None`` downloads unless ``HF_HUB_OFFLINE`` is set.
 
     Raises:
         ValueError: for a spec of no known form (the message lists the valid forms), an unknown
@@ -246,5 +289,5 @@ def load_family(
     if folder.is_dir():
         return _load_folder(folder, None, options)
     if HUB_ID.match(spec) and not spec.startswith("."):
-        return _load_folder(cached_snapshot(spec, cache_dir), f"hub model {spec!r}", options)
+        return _load_folder(cached_snapshot(spec, cache_dir, allow_download), f"hub model {spec!r}", options)
     raise ValueError(f"unknown model spec {spec!r} (not an existing folder either); valid forms: {valid_specs()}")

@@ -30,13 +30,18 @@ Registered rewards
 ``digit_confidence``
     For the embedded digits model: the probability the shipped digit classifier gives to the class
     each image was conditioned on. Needs class-id conditions.
+``prompt_brightness``
+    A prompt-dependent toy for text-to-image models: the image's mean brightness for a prompt with a
+    bright word ("bright", "light", "white", …), minus it for a dark word ("dark", "night", …), 0
+    otherwise. Needs prompts. It shows in minutes on a CPU that a policy learns per prompt.
 
 Modules
 -------
 :mod:`~diffusion_gym.rewards.registry` (:data:`RewardFn`, :func:`register_reward`,
 :func:`make_reward`, :class:`CheckedReward`), :mod:`~diffusion_gym.rewards.host` (:func:`host_reward`,
-:func:`reward_async`), :mod:`~diffusion_gym.rewards.jpeg`, :mod:`~diffusion_gym.rewards.aesthetic`
-and :mod:`~diffusion_gym.rewards.digits`; the CLIP encoder lives in :mod:`diffusion_gym.nets`. All
+:func:`reward_async`), :mod:`~diffusion_gym.rewards.jpeg`, :mod:`~diffusion_gym.rewards.aesthetic`,
+:mod:`~diffusion_gym.rewards.digits` and :mod:`~diffusion_gym.rewards.brightness`; the CLIP encoder
+lives in :mod:`diffusion_gym.nets`. All
 their public names are importable from here.
 """
 
@@ -54,6 +59,7 @@ from diffusion_gym.rewards.aesthetic import (
 )
 from diffusion_gym.rewards.aesthetic import _load_mlp_state as _load_mlp_state
 from diffusion_gym.rewards.aesthetic import _resolve_mlp_weights as _resolve_mlp_weights
+from diffusion_gym.rewards.brightness import prompt_brightness
 from diffusion_gym.rewards.digits import digit_confidence
 from diffusion_gym.rewards.host import host_reward, reward_async, runs_on_host
 from diffusion_gym.rewards.jpeg import (
@@ -88,6 +94,7 @@ __all__ = [
     "jpeg_size_kb",
     "laion_aesthetic",
     "make_reward",
+    "prompt_brightness",
     "register_reward",
     "reward_async",
     "runs_on_host",
@@ -98,3 +105,4 @@ register_reward("jpeg_compressibility", jpeg_compressibility)
 register_reward("jpeg_incompressibility", jpeg_incompressibility)
 register_reward("laion_aesthetic", laion_aesthetic)
 register_reward("digit_confidence", digit_confidence)
+register_reward("prompt_brightness", prompt_brightness)
