@@ -1,4 +1,4 @@
-"""Text-to-image rollout throughput: a naive diffusers Stable Diffusion loop and our path, in one process run.
+r"""Text-to-image rollout throughput: a naive diffusers Stable Diffusion loop and our path, in one process run.
 
 Measured paths (the same batch, steps, guidance, prompts and reward):
 

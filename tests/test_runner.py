@@ -17,7 +17,6 @@ from agents.common.advantages import group_standardize
 from agents.common.checkpoint import latest_checkpoint, load_checkpoint
 from agents.common.collector import Collector, make_env
 from agents.common.config import RunConfig, Section
-from agents.common.policy import DiffusionPolicy
 from agents.common.runner import Algorithm, EpochStats, RunContext
 
 ROOT = Path(__file__).resolve().parents[1]

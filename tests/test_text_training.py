@@ -139,9 +139,15 @@ def test_sb3_ppo_and_the_minimal_example_run_an_update_on_the_text_env():
     from agents.sb3 import DiffusionActorCriticPolicy, DiffusionVecEnv
 
     venv = DiffusionVecEnv(
-        num_envs=4, model="random:sd-tiny", num_steps=3, prompts=["a bright cat", "a dark cat"], reward="prompt_brightness"
+        num_envs=4,
+        model="random:sd-tiny",
+        num_steps=3,
+        prompts=["a bright cat", "a dark cat"],
+        reward="prompt_brightness",
     )
-    model = PPO(DiffusionActorCriticPolicy, venv, n_steps=3, batch_size=6, n_epochs=1, policy_kwargs=venv.policy_kwargs())
+    model = PPO(
+        DiffusionActorCriticPolicy, venv, n_steps=3, batch_size=6, n_epochs=1, policy_kwargs=venv.policy_kwargs()
+    )
     before = {k: v.clone() for k, v in model.policy.actor.unet.state_dict().items()}
     model.learn(total_timesteps=12)
     after = model.policy.actor.unet.state_dict()
