@@ -161,7 +161,7 @@ def test_sb3_ppo_and_the_minimal_example_run_an_update_on_the_text_env():
         Args(
             model="random:sd-tiny",
             guidance_scale=5.0,
-            reward="prompt_brightness",
+            reward="jpeg_compressibility",
             num_steps=6,
             window_start=2,
             window_end=3,

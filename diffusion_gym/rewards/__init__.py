@@ -31,9 +31,10 @@ Registered rewards
     For the embedded digits model: the probability the shipped digit classifier gives to the class
     each image was conditioned on. Needs class-id conditions.
 ``prompt_brightness``
-    A prompt-dependent toy for text-to-image models: the image's mean brightness for a prompt with a
-    bright word ("bright", "light", "white", …), minus it for a dark word ("dark", "night", …), 0
-    otherwise. Needs prompts. It shows in minutes on a CPU that a policy learns per prompt.
+    A prompt-dependent toy for text-to-image models: how far the image's mean brightness lies above
+    mid-grey for a prompt with a bright word ("bright", "light", "white", …), below it for a dark word
+    ("dark", "night", …), 0 otherwise. Needs prompts. It shows in minutes on a CPU that a policy
+    learns per prompt.
 
 Modules
 -------

@@ -3,9 +3,9 @@
 Text-to-image fine-tuning has no cheap, checkable reward that depends on the prompt; this one is
 (the embedded digits model's ``digit_confidence`` is its class-id counterpart). It exists so that a
 run on a tiny random Stable Diffusion can show, in minutes on a CPU, that the policy learns what
-*each prompt* asks for, not one image for every prompt: the reward of an image is its mean
-brightness for a prompt with a bright word, minus its mean brightness for a prompt with a dark word,
-and 0 for other prompts.
+*each prompt* asks for, not one image for every prompt: the reward of an image is how far its mean
+brightness lies above mid-grey (0.5) for a prompt with a bright word, below it for a prompt with a
+dark word, and 0 for other prompts.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def prompt_sign(prompt: str, bright: Sequence[str] = BRIGHT_WORDS, dark: Sequenc
 
 
 def prompt_brightness(bright_words: Sequence[str] = BRIGHT_WORDS, dark_words: Sequence[str] = DARK_WORDS) -> RewardFn:
-    """The reward ``sign(prompt) · mean brightness`` (differentiable in the images).
+    """The reward ``sign(prompt) · (mean brightness − 0.5)``, in ``[−0.5, 0.5]`` (differentiable in the images).
 
     Args:
         bright_words: words (lower case) whose presence asks for a bright image.
@@ -51,6 +51,6 @@ def prompt_brightness(bright_words: Sequence[str] = BRIGHT_WORDS, dark_words: Se
                 f"{type(conditions).__name__}"
             )
         signs = torch.tensor([prompt_sign(p, bright, dark) for p in conditions], dtype=torch.float32)
-        return signs.to(images.device) * images.float().mean(dim=(1, 2, 3))
+        return signs.to(images.device) * (images.float().mean(dim=(1, 2, 3)) - 0.5)
 
     return prompt_brightness_reward
