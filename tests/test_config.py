@@ -86,7 +86,7 @@ def test_expected_files_exist():
     expected = {f"digits_{m}_{r}.yaml" for m in DIGITS_METHODS for r in DIGITS_REWARDS}
     expected |= {f"celebahq_{m}_{t}.yaml" for m in PAPER_METHODS for t in PAPER_TASKS}
     expected |= {f"{v}_{r}.yaml" for v in ("sd15", "sdxl") for r in ("aesthetic", "jpeg_compressibility")}
-    expected |= {"sd-tiny_prompt_brightness.yaml"}
+    expected |= {"sd-tiny_prompt_color.yaml"}
     assert expected == {p.name for p in YAMLS}
     assert (CONFIG_DIR / "README.md").is_file()
     readme = (CONFIG_DIR / "README.md").read_text()

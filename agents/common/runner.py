@@ -52,6 +52,7 @@ __all__ = [
     "TrainerState",
     "TrainingDivergedError",
     "evaluate_policy",
+    "fixed_noise_rewards",
     "save_grid",
     "seed_everything",
 ]
@@ -258,15 +259,15 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_policy(
+def fixed_noise_rewards(
     policy: DiffusionPolicy, core: DenoiseCore, num_samples: int, seed: int, device: str | torch.device = "cpu"
-) -> tuple[metrics.MeanStd, Tensor]:
-    """Reward (mean, standard error) of ``num_samples`` images from fixed noise, and the images in ``[0, 1]``.
+) -> tuple[Tensor, Tensor]:
+    """Per-sample rewards ``(num_samples,)`` of images from fixed noise, and the images in ``[0, 1]``.
 
     The initial and policy noise come from ``seed`` (:func:`diffusion_gym.sampling.generate`), so
-    the base model and every fine-tuned one are evaluated on the same noise, sample for sample.
-    Conditions cycle over the env's conditions in order (``i % num_classes``; a text model's prompt
-    list), and a latent model's samples are decoded by its VAE before the reward.
+    the base model and every fine-tuned one are evaluated on the same noise, sample for sample (their
+    differences are paired). Conditions cycle over the env's conditions in order (``i % num_classes``;
+    a text model's prompt list), and a latent model's samples are decoded by its VAE before the reward.
     """
     ids = core.conditions.evaluation_ids(num_samples).to(device)
     states = sampling.generate(
@@ -279,8 +280,15 @@ def evaluate_policy(
         device=device,
     )
     images = core.decode(states)
-    rewards = core.reward_fn(images, core.conditions.reward_input(ids))
-    return metrics.mean_and_standard_error(rewards.float().cpu()), images
+    return core.reward_fn(images, core.conditions.reward_input(ids)).float().cpu(), images
+
+
+def evaluate_policy(
+    policy: DiffusionPolicy, core: DenoiseCore, num_samples: int, seed: int, device: str | torch.device = "cpu"
+) -> tuple[metrics.MeanStd, Tensor]:
+    """Reward (mean, standard error) of :func:`fixed_noise_rewards`, and the images in ``[0, 1]``."""
+    rewards, images = fixed_noise_rewards(policy, core, num_samples, seed, device)
+    return metrics.mean_and_standard_error(rewards), images
 
 
 GRID_MAX_COLUMNS = 16

@@ -30,18 +30,18 @@ Registered rewards
 ``digit_confidence``
     For the embedded digits model: the probability the shipped digit classifier gives to the class
     each image was conditioned on. Needs class-id conditions.
-``prompt_brightness``
-    A prompt-dependent toy for text-to-image models: how far the image's mean brightness lies above
-    mid-grey for a prompt with a bright word ("bright", "light", "white", …), below it for a dark word
-    ("dark", "night", …), 0 otherwise. Needs prompts. It shows in minutes on a CPU that a policy
-    learns per prompt.
+``prompt_color`` / ``prompt_brightness``
+    Prompt-dependent toys for text-to-image models (:mod:`~diffusion_gym.rewards.prompt_toys`): for
+    a prompt with a red (blue) word, mean red minus mean blue (its negative); for a prompt with a
+    bright (dark) word, how far the mean brightness lies above (below) mid-grey; 0 otherwise. They
+    need prompts, and show in minutes on a CPU that a policy learns per prompt.
 
 Modules
 -------
 :mod:`~diffusion_gym.rewards.registry` (:data:`RewardFn`, :func:`register_reward`,
 :func:`make_reward`, :class:`CheckedReward`), :mod:`~diffusion_gym.rewards.host` (:func:`host_reward`,
 :func:`reward_async`), :mod:`~diffusion_gym.rewards.jpeg`, :mod:`~diffusion_gym.rewards.aesthetic`,
-:mod:`~diffusion_gym.rewards.digits` and :mod:`~diffusion_gym.rewards.brightness`; the CLIP encoder
+:mod:`~diffusion_gym.rewards.digits` and :mod:`~diffusion_gym.rewards.prompt_toys`; the CLIP encoder
 lives in :mod:`diffusion_gym.nets`. All
 their public names are importable from here.
 """
@@ -60,7 +60,6 @@ from diffusion_gym.rewards.aesthetic import (
 )
 from diffusion_gym.rewards.aesthetic import _load_mlp_state as _load_mlp_state
 from diffusion_gym.rewards.aesthetic import _resolve_mlp_weights as _resolve_mlp_weights
-from diffusion_gym.rewards.brightness import prompt_brightness
 from diffusion_gym.rewards.digits import digit_confidence
 from diffusion_gym.rewards.host import host_reward, reward_async, runs_on_host
 from diffusion_gym.rewards.jpeg import (
@@ -71,6 +70,7 @@ from diffusion_gym.rewards.jpeg import (
     jpeg_size_kb,
     set_jpeg_workers,
 )
+from diffusion_gym.rewards.prompt_toys import prompt_brightness, prompt_color
 from diffusion_gym.rewards.registry import _REGISTRY as _REGISTRY
 from diffusion_gym.rewards.registry import CheckedReward, RewardFn, available_rewards, make_reward, register_reward
 
@@ -96,6 +96,7 @@ __all__ = [
     "laion_aesthetic",
     "make_reward",
     "prompt_brightness",
+    "prompt_color",
     "register_reward",
     "reward_async",
     "runs_on_host",
@@ -107,3 +108,4 @@ register_reward("jpeg_incompressibility", jpeg_incompressibility)
 register_reward("laion_aesthetic", laion_aesthetic)
 register_reward("digit_confidence", digit_confidence)
 register_reward("prompt_brightness", prompt_brightness)
+register_reward("prompt_color", prompt_color)
