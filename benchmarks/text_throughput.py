@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,34 +48,6 @@ from diffusion_gym.rewards import make_reward  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pipeline(family: LatentTextFamily) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """The diffusers pipeline over the family's components (a fresh DDIM scheduler of the same config)."""
-    scheduler = DDIMScheduler.from_config(family.scheduler.config)
-    if family.variant == "sd":
-        return StableDiffusionPipeline(
-            vae=family.vae,
-            text_encoder=family.text_encoders[0],
-            tokenizer=family.tokenizers[0],
-            unet=family.denoiser,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    return StableDiffusionXLPipeline(
-        vae=family.vae,
-        text_encoder=family.text_encoders[0],
-        text_encoder_2=family.text_encoders[1],
-        tokenizer=family.tokenizers[0],
-        tokenizer_2=family.tokenizers[1],
-        unet=family.denoiser,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=family.force_zeros_for_empty_prompt,
-        add_watermarker=False,
-    )
-
-
-@torch.no_grad()
 def naive_batch(pipe: Any, family: LatentTextFamily, prompts: list[str], args: argparse.Namespace, seed: int) -> None:
     """One batch of trajectories with log-probs and rewards, the ddpo-pytorch way (SD 1.x components)."""
     device, dtype = family.device, family.dtype
@@ -103,7 +74,7 @@ def naive_batch(pipe: Any, family: LatentTextFamily, prompts: list[str], args: a
 
 def time_naive(family: LatentTextFamily, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then the fastest of ``repeats`` timed runs of ``batches`` naive batches."""
-    pipe = pipeline(family)
+    pipe = family.pipeline()
     prompts = [ANIMALS[i % len(ANIMALS)] for i in range(args.batch)]
     naive_batch(pipe, family, prompts, args, seed=0)
     best = float("inf")

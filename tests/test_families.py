@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler
 
 from diffusion_gym import sampling
 from diffusion_gym.extras import MissingExtraError
@@ -31,36 +31,6 @@ def _family(spec: str, prediction_type: str = "epsilon") -> LatentTextFamily:
     family = load_family(spec, scheduler_overrides={"prediction_type": prediction_type})
     assert isinstance(family, LatentTextFamily)
     return family
-
-
-def _pipeline(family: LatentTextFamily) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """The diffusers pipeline over the same components, with a fresh DDIM scheduler of the same config."""
-    scheduler = DDIMScheduler.from_config(family.scheduler.config)
-    if family.variant == "sd":
-        pipe = StableDiffusionPipeline(
-            vae=family.vae,
-            text_encoder=family.text_encoders[0],
-            tokenizer=family.tokenizers[0],
-            unet=family.denoiser,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    else:
-        pipe = StableDiffusionXLPipeline(
-            vae=family.vae,
-            text_encoder=family.text_encoders[0],
-            text_encoder_2=family.text_encoders[1],
-            tokenizer=family.tokenizers[0],
-            tokenizer_2=family.tokenizers[1],
-            unet=family.denoiser,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=family.force_zeros_for_empty_prompt,
-            add_watermarker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _latents(family: LatentTextFamily, n: int = len(PROMPTS), seed: int = 0) -> torch.Tensor:
@@ -113,7 +83,7 @@ def test_random_tiny_families_are_seeded():
 def test_eta0_chain_reproduces_the_diffusers_pipeline(spec, prediction_type, guidance):
     family = _family(spec, prediction_type)
     latents = _latents(family)
-    expected = _pipeline(family)(
+    expected = family.pipeline()(
         PROMPTS, latents=latents, num_inference_steps=STEPS, guidance_scale=guidance, eta=0.0, output_type="latent"
     ).images
     ours = _our_chain(family, latents, family.encode_conditions(PROMPTS), guidance)
@@ -124,7 +94,7 @@ def test_eta0_chain_reproduces_the_diffusers_pipeline(spec, prediction_type, gui
 @pytest.mark.parametrize("spec", ["random:sd-tiny", "random:sdxl-tiny"])
 def test_negative_prompts_and_decoding_reproduce_the_diffusers_pipeline(spec):
     family = _family(spec)
-    pipe = _pipeline(family)
+    pipe = family.pipeline()
     latents = _latents(family, seed=1)
     negative = ["blurry", "a dog"]
     kwargs = dict(latents=latents, num_inference_steps=STEPS, guidance_scale=7.0, eta=0.0)
@@ -186,7 +156,7 @@ def test_eta1_steps_and_log_probs_match_ddim_step_and_a_normal(spec, prediction_
 
 def test_sd_conditions_equal_the_pipelines_prompt_encoding():
     family = _family("random:sd-tiny")
-    pipe = _pipeline(family)
+    pipe = family.pipeline()
     cond = family.encode_conditions(PROMPTS)
     embeds, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
     assert torch.equal(cond.embeds, embeds) and torch.equal(cond.negative_embeds, negative)
@@ -201,7 +171,7 @@ def test_sd_conditions_equal_the_pipelines_prompt_encoding():
 
 def test_sdxl_conditions_equal_the_pipelines_prompt_encoding_and_time_ids():
     family = _family("random:sdxl-tiny")
-    pipe = _pipeline(family)
+    pipe = family.pipeline()
     cond = family.encode_conditions(PROMPTS)
     encoded = pipe.encode_prompt(
         prompt=PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
@@ -417,7 +387,7 @@ PNDM_CONFIG = {  # SD 1.5's scheduler config: a PNDM scheduler, no timestep_spac
 def test_a_saved_pipeline_loads_from_a_folder_and_from_the_hub_cache(spec, tmp_path):
     family = _family(spec)
     folder = tmp_path / "pipe"
-    _pipeline(family).save_pretrained(folder)
+    family.pipeline().save_pretrained(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(PNDM_CONFIG))
     snapshot = tmp_path / "cache" / "models--someone--tiny" / "snapshots" / ("0" * 40)
     shutil.copytree(folder, snapshot)
@@ -439,7 +409,7 @@ def test_a_saved_pipeline_loads_from_a_folder_and_from_the_hub_cache(spec, tmp_p
 def test_incomplete_or_foreign_pipeline_folders_are_named(tmp_path):
     family = _family("random:sd-tiny")
     folder = tmp_path / "pipe"
-    _pipeline(family).save_pretrained(folder)
+    family.pipeline().save_pretrained(folder)
     (folder / "text_encoder" / "model.safetensors").unlink()
     with pytest.raises(MissingWeightsError, match=r"lacks \['text_encoder/model.safetensors\|"):
         load_family(folder)

@@ -13,7 +13,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 import diffusion_gym  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents.common.policy import DiffusionPolicy
@@ -34,35 +33,6 @@ TOL = 1e-5
 
 def _family(spec: str, prediction_type: str = "epsilon"):
     return load_family(spec, scheduler_overrides={"prediction_type": prediction_type})
-
-
-def _pipeline(family):
-    scheduler = DDIMScheduler.from_config(family.scheduler.config)
-    if family.variant == "sd":
-        pipe = StableDiffusionPipeline(
-            vae=family.vae,
-            text_encoder=family.text_encoders[0],
-            tokenizer=family.tokenizers[0],
-            unet=family.denoiser,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    else:
-        pipe = StableDiffusionXLPipeline(
-            vae=family.vae,
-            text_encoder=family.text_encoders[0],
-            text_encoder_2=family.text_encoders[1],
-            tokenizer=family.tokenizers[0],
-            tokenizer_2=family.tokenizers[1],
-            unet=family.denoiser,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=family.force_zeros_for_empty_prompt,
-            add_watermarker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _rollout(envs, policy, noise_seed=0):
@@ -101,7 +71,7 @@ def test_env_and_policy_at_eta0_reproduce_the_diffusers_pipeline(spec, predictio
     policy = DiffusionPolicy(family, envs.core.schedule, conditions=envs.core.conditions, guidance_scale=guidance)
     first, _, final, _ = _rollout(envs, policy)
     prompts = [envs.prompts[i] for i in first["c"].tolist()]
-    expected = _pipeline(family)(
+    expected = family.pipeline()(
         prompts,
         latents=first["x_t"],
         num_inference_steps=STEPS,
@@ -120,7 +90,7 @@ def test_eta1_steps_equal_ddim_step_and_a_normal_log_prob_and_the_first_ratio_is
         3, check_actions=False, model=family, num_steps=STEPS, eta=1.0, prompts=PROMPTS, guidance_scale=guidance
     )
     policy = DiffusionPolicy(family, envs.core.schedule, conditions=envs.core.conditions, guidance_scale=guidance)
-    pipe = _pipeline(family)
+    pipe = family.pipeline()
     scheduler = pipe.scheduler
     scheduler.set_timesteps(STEPS)
     _, steps, _, _ = _rollout(envs, policy, noise_seed=3)
@@ -346,3 +316,18 @@ def test_model_references_are_latents_of_the_current_policy_with_drawn_prompts()
     assert torch.equal(refs.images, again.images)
     assert refs.images.abs().max() < 10  # v-prediction keeps a random model's samples at unit scale
     assert sampling.to_unit_range(refs.images).shape == refs.images.shape
+
+
+def test_prompt_toy_rewards_are_antisymmetric_and_need_prompts():
+    from diffusion_gym.rewards import make_reward
+
+    images = torch.zeros(3, 3, 4, 4)
+    images[:, 0], images[:, 2] = 0.8, 0.2  # red 0.8, green 0, blue 0.2: brightness 1/3
+    color = make_reward("prompt_color")(images, ["a red car", "blue", "a cat"])
+    assert torch.allclose(color, torch.tensor([0.6, -0.6, 0.0]))
+    brightness = make_reward("prompt_brightness")(images, ["a bright day", "a dark night", "bright and dark"])
+    assert torch.allclose(brightness, torch.tensor([1 / 3 - 0.5, 0.5 - 1 / 3, 0.0]))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        make_reward("prompt_color")(images, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="RGB"):
+        make_reward("prompt_color")(images[:, :1], ["red", "red", "red"])

@@ -63,19 +63,7 @@ def test_resume_is_bit_exact_and_the_lora_folder_loads_in_diffusers(tmp_path):
     load_lora_state_dict(ours.denoiser, load_checkpoint(checkpoint).extra_weights["lora"])
     # diffusers: the same base model in a StableDiffusionPipeline, load_lora_weights(the lora folder)
     theirs = load_family("random:sd-tiny")
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=theirs.vae,
-        text_encoder=theirs.text_encoders[0],
-        tokenizer=theirs.tokenizers[0],
-        unet=theirs.denoiser,
-        scheduler=DDIMScheduler.from_config(theirs.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = theirs.pipeline()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe.load_lora_weights(checkpoint / "lora")

@@ -314,6 +314,42 @@ class LatentTextFamily(ModelFamily):
         uncond, text = out.chunk(2)
         return uncond + g * (text - uncond)
 
+    def pipeline(self) -> Any:
+        """The diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) over these components.
+
+        The components are shared, not copied (training the family's UNet changes the pipeline's); the
+        scheduler is a fresh ``DDIMScheduler`` of the family's config; no safety checker, no watermark.
+        The progress bar is off.
+        """
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        if self.variant == "sd":
+            pipe = StableDiffusionPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoders[0],
+                tokenizer=self.tokenizers[0],
+                unet=self.denoiser,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        else:
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoders[0],
+                text_encoder_2=self.text_encoders[1],
+                tokenizer=self.tokenizers[0],
+                tokenizer_2=self.tokenizers[1],
+                unet=self.denoiser,
+                scheduler=scheduler,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                add_watermarker=False,
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     def save_lora_weights(self, folder: Path, lora_state: dict[str, Tensor], adapter_config: dict[str, Any]) -> None:
         """Write the UNet's LoRA adapters as diffusers' LoRA format into ``folder``.
 

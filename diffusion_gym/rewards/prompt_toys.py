@@ -25,7 +25,7 @@ Diffusion's) passes brightness, so ``prompt_brightness`` suits real models.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -62,10 +62,38 @@ def prompt_sign(prompt: str, plus: Sequence[str] = BRIGHT_WORDS, minus: Sequence
     return int(bool(words & set(plus))) - int(bool(words & set(minus)))
 
 
-def _signs(name: str, conditions: Any, images: Tensor, plus: Sequence[str], minus: Sequence[str]) -> Tensor:
-    """``(B,)`` float signs of the prompts (``conditions``), on the images' device."""
-    prompts = _prompts(name, conditions, len(images))
-    return torch.tensor([prompt_sign(p, plus, minus) for p in prompts], dtype=torch.float32).to(images.device)
+def antisymmetric_reward(
+    name: str, statistic: Callable[[Tensor], Tensor], plus: Sequence[str], minus: Sequence[str]
+) -> RewardFn:
+    """The reward ``sign(prompt) · statistic(image)``: +1 for a prompt with a ``plus`` word, −1 for a ``minus`` word.
+
+    Args:
+        name: the reward's name (for error messages).
+        statistic: ``(B, C, H, W)`` images in ``[0, 1]`` -> ``(B,)`` values (centred, so that the two
+            kinds of prompt ask for opposite changes).
+        plus: words (lower case) of the prompts that ask for a higher statistic.
+        minus: words of the prompts that ask for a lower one.
+    """
+    plus, minus = tuple(plus), tuple(minus)
+
+    def reward(images: Tensor, conditions: Any = None) -> Tensor:
+        prompts = _prompts(name, conditions, len(images))
+        signs = torch.tensor([prompt_sign(p, plus, minus) for p in prompts], dtype=torch.float32)
+        return signs.to(images.device) * statistic(images.float())
+
+    reward.__name__ = f"{name}_reward"
+    return reward
+
+
+def _brightness(images: Tensor) -> Tensor:
+    return images.mean(dim=(1, 2, 3)) - 0.5
+
+
+def _red_minus_blue(images: Tensor) -> Tensor:
+    if images.shape[1] != 3:
+        raise ValueError(f"reward 'prompt_color' needs RGB images, got {images.shape[1]} channel(s)")
+    channels = images.mean(dim=(2, 3))
+    return channels[:, 0] - channels[:, 2]
 
 
 def prompt_brightness(bright_words: Sequence[str] = BRIGHT_WORDS, dark_words: Sequence[str] = DARK_WORDS) -> RewardFn:
@@ -75,13 +103,7 @@ def prompt_brightness(bright_words: Sequence[str] = BRIGHT_WORDS, dark_words: Se
         bright_words: words (lower case) whose presence asks for a bright image.
         dark_words: words whose presence asks for a dark image.
     """
-    bright, dark = tuple(bright_words), tuple(dark_words)
-
-    def prompt_brightness_reward(images: Tensor, conditions: Any = None) -> Tensor:
-        signs = _signs("prompt_brightness", conditions, images, bright, dark)
-        return signs * (images.float().mean(dim=(1, 2, 3)) - 0.5)
-
-    return prompt_brightness_reward
+    return antisymmetric_reward("prompt_brightness", _brightness, bright_words, dark_words)
 
 
 def prompt_color(red_words: Sequence[str] = RED_WORDS, blue_words: Sequence[str] = BLUE_WORDS) -> RewardFn:
@@ -91,13 +113,4 @@ def prompt_color(red_words: Sequence[str] = RED_WORDS, blue_words: Sequence[str]
         red_words: words (lower case) whose presence asks for a red image.
         blue_words: words whose presence asks for a blue image.
     """
-    red, blue = tuple(red_words), tuple(blue_words)
-
-    def prompt_color_reward(images: Tensor, conditions: Any = None) -> Tensor:
-        signs = _signs("prompt_color", conditions, images, red, blue)
-        if images.shape[1] != 3:
-            raise ValueError(f"reward 'prompt_color' needs RGB images, got {images.shape[1]} channel(s)")
-        channels = images.float().mean(dim=(2, 3))
-        return signs * (channels[:, 0] - channels[:, 2])
-
-    return prompt_color_reward
+    return antisymmetric_reward("prompt_color", _red_minus_blue, red_words, blue_words)
