@@ -25,6 +25,22 @@ are not stochastic actions, :func:`log_prob` returns 0 for them and
 :attr:`DenoisingSchedule.deterministic` flags them so that policy losses can mask them out. No
 epsilon is ever added to σ.
 
+Flow-matching models (SD3, FLUX: ``FlowMatchEulerDiscreteScheduler``) get a :class:`FlowSchedule`
+from :func:`make_flow_schedule` and the same functions. Their deterministic Euler sampler has no
+log-probability, so each step becomes the SDE step of Flow-GRPO (Liu et al., arXiv 2505.05470) with
+the same marginals. Conventions (diffusers'): ``t`` runs from 1 (noise) to 0 (data), ``x_t = (1 − t)·x0
++ t·ε``, the network predicts the velocity ``v = ε − x0``, and a step goes from ``t_k`` to ``t_{k+1} <
+t_k`` (``Δt = t_{k+1} − t_k < 0``)::
+
+      σ_t = a · sqrt(t / (1 − t))                        (a: the noise level)
+      μ   = x + [v + σ_t² / (2t) · (x + (1 − t)·v)] · Δt
+      std = σ_t · sqrt(−Δt)
+
+``a = 0`` is the ODE (diffusers' Euler step ``x + v·Δt``, σ = 0: deterministic). At ``t = 1`` (the first
+step of a schedule without shift) ``1 − t`` is 0; ``σ_t`` then takes ``1 − t_1`` of the next step in its
+denominator, as Flow-GRPO's code does. ``σ_t² / (2t) = a² / (2(1 − t))`` is computed in that form, finite
+as ``t → 0``.
+
 Computations run in float32 (float64 if the inputs are float64), whatever the input dtype, so a
 bf16 UNet output still gets fp32 policy math.
 
@@ -42,7 +58,7 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, Protocol
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
@@ -110,6 +126,127 @@ class DenoisingSchedule:
         return DenoisingSchedule(**moved)
 
 
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Per-step-index coefficients of a K-step flow-matching chain with Flow-GRPO's SDE steps.
+
+    Build one with :func:`make_flow_schedule`. Tensors have shape ``(K,)`` (``sigmas``: ``(K + 1,)``),
+    indexed by the step index ``k`` (0 = noisiest). Steps whose noise level is 0 (``a = 0``, or outside
+    the SDE window ``sde_steps``) are ODE steps: σ = 0, deterministic, not stochastic actions.
+    """
+
+    kind: str
+    """``"flow"``."""
+    timesteps: Tensor
+    """The network's timestep input at each step index: ``t_k · num_train_timesteps`` (float)."""
+    sigmas: Tensor
+    """``t_0 = 1 (or less with a shift) > t_1 > … > t_K = 0``: the flow times."""
+    dt: Tensor
+    """``Δt_k = t_{k+1} − t_k`` (negative)."""
+    drift: Tensor
+    """``σ_{t_k}² / (2 t_k) = a_k² / (2(1 − t_k))``, the SDE's extra drift coefficient (0 at ODE steps)."""
+    std: Tensor
+    """``σ_{t_k} · sqrt(−Δt_k)``, the policy's standard deviation (0 at ODE steps)."""
+    noise_level: Tensor
+    """``a_k``: the noise level of each step (0 at ODE steps)."""
+    eta: float
+    """The noise level ``a`` of the SDE steps (named as DDIM's eta for callers that log either)."""
+    num_train_timesteps: int
+    """The scheduler's number of training timesteps (``timesteps = t · num_train_timesteps``)."""
+    prediction_type: str = "flow"
+    """What the network predicts: the velocity ``v = ε − x0``."""
+
+    @property
+    def num_steps(self) -> int:
+        """K, the number of denoising steps."""
+        return int(self.timesteps.shape[0])
+
+    @property
+    def deterministic(self) -> Tensor:
+        """``(K,)`` bool mask of the ODE steps (σ = 0: not stochastic actions)."""
+        return self.std == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the coefficient tensors."""
+        return self.sigmas.device
+
+    def to(self, device: str | torch.device) -> FlowSchedule:
+        """A copy with every tensor on ``device``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return FlowSchedule(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()})
+
+
+Schedule = DenoisingSchedule | FlowSchedule
+"""Either kind of chain: the functions of this module take both."""
+
+
+def make_flow_schedule(
+    scheduler: SchedulerMixin,
+    num_steps: int,
+    noise_level: float = 0.7,
+    *,
+    sde_steps: Tensor | None = None,
+    mu: float | None = None,
+    device: str | torch.device | None = None,
+) -> FlowSchedule:
+    """Build the :class:`FlowSchedule` of a ``FlowMatchEulerDiscreteScheduler`` with ``num_steps`` steps.
+
+    The scheduler is not modified: a fresh copy from its config runs ``set_timesteps(num_steps,
+    mu=mu)``, so its shift (SD3's 3.0) or dynamic shifting (FLUX, which needs ``mu``) applies.
+
+    Args:
+        scheduler: a ``FlowMatchEulerDiscreteScheduler``.
+        num_steps: K.
+        noise_level: ``a >= 0`` of the SDE steps (Flow-GRPO: 0.7); 0 gives the ODE everywhere.
+        sde_steps: ``(K,)`` bool mask of the steps that are SDE steps (the others are ODE steps);
+            ``None``: every step.
+        mu: the dynamic shift's ``mu`` (FLUX computes it from the image's sequence length).
+        device: where the tensors live (default: CPU).
+
+    Raises:
+        ValueError: for another scheduler, a bad ``num_steps``, ``noise_level`` or ``sde_steps``, or
+            dynamic shifting without ``mu``.
+    """
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(
+            f"unsupported scheduler {type(scheduler).__name__} for a flow schedule; valid choice: "
+            "FlowMatchEulerDiscreteScheduler"
+        )
+    total = int(scheduler.config.num_train_timesteps)
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= total:
+        raise ValueError(f"num_steps must be an int in [1, {total}], got {num_steps!r}")
+    ok = isinstance(noise_level, int | float) and not isinstance(noise_level, bool)
+    if not ok or not math.isfinite(noise_level) or noise_level < 0:
+        raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
+    if scheduler.config.get("use_dynamic_shifting", False) and mu is None:
+        raise ValueError(
+            "this scheduler shifts its sigmas dynamically (FLUX): pass mu (from the image sequence length)"
+        )
+    mask = torch.ones(num_steps, dtype=torch.bool) if sde_steps is None else torch.as_tensor(sde_steps)
+    if mask.dtype != torch.bool or mask.shape != (num_steps,):
+        raise ValueError(f"sde_steps must be a ({num_steps},) bool mask, got {mask.dtype} of shape {tuple(mask.shape)}")
+    fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    fresh.set_timesteps(num_steps, mu=mu)
+    sigmas = fresh.sigmas.to(torch.float64).cpu()
+    t, t_next = sigmas[:-1], sigmas[1:]
+    dt = t_next - t
+    one_minus_t = torch.where(t >= 1, 1 - sigmas[1].expand_as(t), 1 - t)  # Flow-GRPO's convention at t = 1
+    a = torch.where(mask, torch.full_like(t, float(noise_level)), torch.zeros_like(t))
+    sigma_t = a * (t / one_minus_t).sqrt()
+    return FlowSchedule(
+        kind="flow",
+        timesteps=fresh.timesteps.to(torch.float32).cpu(),
+        sigmas=sigmas.float(),
+        dt=dt.float(),
+        drift=(a**2 / (2 * one_minus_t)).float(),
+        std=(sigma_t * (-dt).sqrt()).float(),
+        noise_level=a.float(),
+        eta=float(noise_level),
+        num_train_timesteps=total,
+    ).to(device or "cpu")
+
+
 def _schedule_kind(scheduler: SchedulerMixin) -> str:
     """``"ddim"`` or ``"ddpm"`` for a supported diffusers scheduler."""
     if isinstance(scheduler, DDIMScheduler):
@@ -160,7 +297,9 @@ def make_schedule(
     The scheduler is not modified (a fresh copy is built from its config).
 
     Args:
-        scheduler: a ``DDIMScheduler`` or ``DDPMScheduler`` (or a subclass).
+        scheduler: a ``DDIMScheduler`` or ``DDPMScheduler`` (or a subclass); a
+            ``FlowMatchEulerDiscreteScheduler`` gives :func:`make_flow_schedule`'s :class:`FlowSchedule`
+            with ``eta`` as its noise level ``a``.
         num_steps: K, the number of denoising steps (``set_timesteps(K)``).
         eta: DDIM's eta in ``[0, 1]`` (checked for DDPM too, which ignores it: its variance comes from
             its config). ``eta = 1`` gives σ² = the posterior variance; above 1, σ² exceeds
@@ -171,6 +310,8 @@ def make_schedule(
         ValueError: for an unsupported scheduler, prediction type, variance type, ``num_steps`` or
             ``eta``.
     """
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return make_flow_schedule(scheduler, num_steps, eta, device=device)  # type: ignore[return-value]
     kind = _schedule_kind(scheduler)
     config = scheduler.config
     _check_schedule_args(config, num_steps, eta)
@@ -284,6 +425,9 @@ def predict_x0_eps(
     _check_index(k, schedule)
     dtype = _compute_dtype(x)
     out, x = model_output.to(dtype), x.to(dtype)
+    if isinstance(schedule, FlowSchedule):  # v = ε − x0 and x = (1 − t)·x0 + t·ε
+        t = _at(schedule.sigmas, k, x)
+        return x - t * out, x + (1 - t) * out
     a = _at(schedule.alpha_prod, k, x)
     sqrt_a, sqrt_b = a.sqrt(), (1 - a).sqrt()
     if schedule.prediction_type == "epsilon":
@@ -329,9 +473,20 @@ def step_mean(
     *,
     use_clipped_model_output: bool = False,
 ) -> Tensor:
-    """μ, the mean of the policy ``π(x_prev | x, k)`` (DDIM(eta) or the DDPM posterior)."""
+    """μ, the mean of the policy ``π(x_prev | x, k)`` (DDIM(eta), the DDPM posterior or the flow SDE step)."""
+    if isinstance(schedule, FlowSchedule):
+        return _flow_mean(model_output, x, k, schedule)
     x0, eps = predict_x0_eps(model_output, x, k, schedule, use_clipped_model_output=use_clipped_model_output)
     return _mean_from(x0, eps, x, k, schedule)
+
+
+def _flow_mean(v: Tensor, x: Tensor, k: StepIndex, schedule: FlowSchedule) -> Tensor:
+    """``x + [v + σ_t²/(2t)·(x + (1 − t)·v)]·Δt`` (the module docstring)."""
+    _check_index(k, schedule)
+    dtype = _compute_dtype(x)
+    v, x = v.to(dtype), x.to(dtype)
+    t, dt, drift = _at(schedule.sigmas, k, x), _at(schedule.dt, k, x), _at(schedule.drift, k, x)
+    return x + (v + drift * (x + (1 - t) * v)) * dt
 
 
 def log_prob(x_prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -376,9 +531,13 @@ def kl_same_std(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
 def add_noise(x0: Tensor, noise: Tensor, k: StepIndex, schedule: DenoisingSchedule) -> Tensor:
     """Noise clean images to step index ``k``: ``sqrt(ᾱ_{t_k})·x0 + sqrt(1 − ᾱ_{t_k})·noise``.
 
-    Equals diffusers' ``scheduler.add_noise(x0, noise, t_k)``. Returned in ``x0``'s dtype.
+    Equals diffusers' ``scheduler.add_noise(x0, noise, t_k)``; for a flow schedule ``(1 − t_k)·x0 +
+    t_k·noise`` (``scale_noise``). Returned in ``x0``'s dtype.
     """
     _check_index(k, schedule)
+    if isinstance(schedule, FlowSchedule):  # x_t = (1 − t)·x0 + t·ε, as FlowMatchEulerDiscreteScheduler.scale_noise
+        t = _at(schedule.sigmas, k, x0)
+        return ((1 - t) * x0.to(t.dtype) + t * noise.to(t.dtype)).to(x0.dtype)
     a = _at(schedule.alpha_prod, k, x0)
     return (a.sqrt() * x0.to(a.dtype) + (1 - a).sqrt() * noise.to(a.dtype)).to(x0.dtype)
 
@@ -412,17 +571,20 @@ def denoise_step(
     """One step of the Gaussian policy: sample ``x_prev`` (or score a given one) and its log-prob.
 
     Args:
-        model_output: the UNet's output at ``(x, t_k, c)``.
+        model_output: the network's output at ``(x, t_k, c)`` (ε, x0 or v; a flow model's velocity).
         x: current images ``(B, C, H, W)``.
         k: step index, int or ``(B,)`` tensor.
-        schedule: from :func:`make_schedule`.
+        schedule: from :func:`make_schedule` (or :func:`make_flow_schedule`).
         noise: the standard normal ``z`` of the action ``μ + σ·z`` (drawn if not given).
         generator: RNG for drawing ``z``.
         x_prev: an action to score instead of sampling one (PPO's recomputation).
         use_clipped_model_output: see :func:`predict_x0_eps`.
     """
     x0, eps = predict_x0_eps(model_output, x, k, schedule, use_clipped_model_output=use_clipped_model_output)
-    mean = _mean_from(x0, eps, x, k, schedule)
+    if isinstance(schedule, FlowSchedule):
+        mean = _flow_mean(model_output, x, k, schedule)
+    else:
+        mean = _mean_from(x0, eps, x, k, schedule)
     std = step_std(k, schedule, mean)
     if x_prev is None:
         if noise is None:  # drawn where the generator lives (a CPU generator gives device-independent draws)

@@ -47,7 +47,9 @@ def test_ppo_is_with_lora_raises_the_prompt_dependent_reward_on_fixed_noise(tmp_
 
 def test_resume_is_bit_exact_and_the_lora_folder_loads_in_diffusers(tmp_path):
     overrides = [*SMALL, "num_epochs=2", "eval.every=2"]
-    train(load_config(TOY, overrides), run_dir=tmp_path / "a", progress=False)
+    straight = train(load_config(TOY, overrides), run_dir=tmp_path / "a", progress=False)
+    # the update's first recomputation of the stored log-probs (guidance 5, LoRA) gives ratio 1
+    assert all(e.first_ratio_max_dev < 1e-6 for e in straight.epochs)
     train(load_config(TOY, overrides), run_dir=tmp_path / "b", progress=False, stop_after=1)
     train(load_config(TOY, overrides), run_dir=tmp_path / "b", resume=tmp_path / "b", progress=False)
     a, b = _lora(tmp_path / "a"), _lora(tmp_path / "b")
@@ -77,6 +79,31 @@ def test_resume_is_bit_exact_and_the_lora_folder_loads_in_diffusers(tmp_path):
     base = load_family("random:sd-tiny")
     x_base = sampling.denoise_chain(base.chain_denoiser(5.0), latents, schedule, base.encode_conditions(prompts))
     assert (base.decode(x_base) - images.images).abs().max() > 1e-3
+
+
+def test_sdxl_lora_adapters_load_in_the_sdxl_pipeline(tmp_path):
+    from agents.common.policy import lora_adapter_config, lora_state_dict
+
+    ours = load_family("random:sdxl-tiny")
+    add_lora(ours.denoiser, 4)
+    with torch.no_grad():
+        for name, p in ours.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    ours.save_lora_weights(tmp_path / "lora", lora_state_dict(ours.denoiser), lora_adapter_config(ours.denoiser))
+    pipe = load_family("random:sdxl-tiny").pipeline()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.load_lora_weights(tmp_path / "lora")
+    prompts = ["a red car", "a dog"]
+    latents = torch.randn((2, *ours.sample_shape), generator=torch.Generator().manual_seed(0))
+    expected = pipe(prompts, latents=latents, num_inference_steps=3, guidance_scale=5.0, output_type="latent").images
+    schedule = sampling.make_schedule(ours.scheduler, 3, eta=0.0)
+    x = sampling.denoise_chain(ours.chain_denoiser(5.0), latents, schedule, ours.encode_conditions(prompts))
+    assert (x - expected).abs().max() < 1e-4
+    base = load_family("random:sdxl-tiny")
+    x_base = sampling.denoise_chain(base.chain_denoiser(5.0), latents, schedule, base.encode_conditions(prompts))
+    assert (x_base - expected).abs().max() > 1e-3  # the adapters were loaded and matter
 
 
 def test_save_merged_unet_writes_a_unet_folder_that_equals_the_adapted_one(tmp_path):
