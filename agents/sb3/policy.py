@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from agents.common.policy import DiffusionPolicy
 from diffusion_gym import sampling
 from diffusion_gym.conditions import make_conditions
+from diffusion_gym.envs.denoise import observation_timesteps, timestep_space_size
 from diffusion_gym.families import load_family
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
@@ -216,8 +217,8 @@ class DiffusionActorCriticPolicy(BasePolicy):
         self._check_spaces(observation_space, action_space, schedule)
         num_classes = int(observation_space["c"].n)
         self.critic = ValueNet(self.sample_shape[0], num_steps, num_classes, self.critic_channels, critic_embed_dim)
-        step_of_t = torch.full((schedule.num_train_timesteps,), -1, dtype=torch.long)
-        step_of_t[schedule.timesteps] = torch.arange(num_steps)
+        step_of_t = torch.full((timestep_space_size(schedule),), -1, dtype=torch.long)
+        step_of_t[observation_timesteps(schedule)] = torch.arange(num_steps)
         self.register_buffer("step_of_timestep", step_of_t, persistent=False)
         self.action_dist = PixelMeanGaussian()
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
@@ -229,10 +230,10 @@ class DiffusionActorCriticPolicy(BasePolicy):
             raise ValueError(f"observation_space must be a Dict with keys {list(keys)}, got {observation_space}")
         if not isinstance(action_space, spaces.Box) or self.sample_shape != unet_shape:
             raise ValueError(f"action_space must be a Box of the model's state shape {unet_shape}, got {action_space}")
-        if observation_space["t"].n != schedule.num_train_timesteps:
+        if observation_space["t"].n != timestep_space_size(schedule):
             raise ValueError(
                 f"observation 't' has {observation_space['t'].n} timesteps but the model's scheduler has "
-                f"{schedule.num_train_timesteps}: the env and model={self.model_spec!r} do not match"
+                f"{timestep_space_size(schedule)}: the env and model={self.model_spec!r} do not match"
             )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:

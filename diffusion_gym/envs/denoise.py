@@ -127,6 +127,21 @@ def _parse_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device {device!r} is not a torch device; valid choices: 'cpu', 'cuda', 'cuda:N'") from None
 
 
+def observation_timesteps(schedule: sampling.Schedule) -> Tensor:
+    """The ``(K,)`` int64 timesteps the observations show: the scheduler's, a flow model's rounded.
+
+    The observation space's ``"t"`` is ``Discrete(timestep_space_size(schedule))``.
+    """
+    if schedule.timesteps.is_floating_point():
+        return schedule.timesteps.round().long()
+    return schedule.timesteps.long()
+
+
+def timestep_space_size(schedule: sampling.Schedule) -> int:
+    """``n`` of the observations' ``Discrete`` ``"t"``: ``num_train_timesteps`` (1001 for a flow chain from t = 1)."""
+    return max(schedule.num_train_timesteps, int(observation_timesteps(schedule).max()) + 1)
+
+
 def as_family(model: str | LoadedModel | ModelFamily, scheduler: str, device: torch.device) -> ModelFamily:
     """The model family of an env's ``model`` argument (a spec is loaded with :func:`load_family`)."""
     if isinstance(model, ModelFamily):
@@ -426,9 +441,13 @@ class DenoiseCore:
         return rewards.index_copy_(0, done, r), terminated
 
     def timesteps(self) -> Tensor:
-        """``(B,)`` scheduler timestep of each env's current image (0 once it is clean)."""
+        """``(B,)`` int64 scheduler timestep of each env's current state (0 once it is clean).
+
+        A flow model's timestep ``t · 1000`` is a float; the observation rounds it to the nearest
+        integer (``observation_timesteps``), which identifies the step as well.
+        """
         k = self.k.clamp(max=self.num_steps - 1)
-        t = self.schedule.timesteps.to(self.device)[k]
+        t = observation_timesteps(self.schedule).to(self.device)[k]
         return torch.where(self.k >= self.num_steps, torch.zeros_like(t), t)
 
     def observation(self) -> dict[str, Tensor]:
@@ -442,7 +461,7 @@ class DenoiseCore:
         observation = spaces.Dict(
             {
                 "c": spaces.Discrete(self.conditions.size) if vector else self.conditions.single_space(),
-                "t": spaces.Discrete(self.schedule.num_train_timesteps),
+                "t": spaces.Discrete(timestep_space_size(self.schedule)),
                 "x_t": image,
             }
         )

@@ -6,6 +6,8 @@ family             models
 ``pixel``          ``UNet2DModel`` DDPMs in pixel space, conditioned on class ids (:class:`PixelFamily`)
 ``latent-text``    Stable Diffusion 1.x/2.x and SDXL: ``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP
                    text encoder(s) (:class:`LatentTextFamily`)
+``flow-text``      Stable Diffusion 3 / 3.5: ``SD3Transformer2DModel`` + ``AutoencoderKL`` + two CLIP
+                   encoders (+ optional T5), a flow-matching scheduler (:class:`FlowTextFamily`)
 =================  ==============================================================================
 
 :func:`load_family` turns a model spec into its family; :class:`ModelFamily` is the interface and
@@ -15,8 +17,9 @@ schedule)`` with ``schedule = sampling.make_schedule(family.scheduler, K, eta)``
 """
 
 from diffusion_gym.families.base import Conditioning, ModelFamily
+from diffusion_gym.families.flow_text import FlowTextFamily
 from diffusion_gym.families.latent_text import LatentTextFamily
 from diffusion_gym.families.loading import load_family
 from diffusion_gym.families.pixel import PixelFamily
 
-__all__ = ["Conditioning", "LatentTextFamily", "ModelFamily", "PixelFamily", "load_family"]
+__all__ = ["Conditioning", "FlowTextFamily", "LatentTextFamily", "ModelFamily", "PixelFamily", "load_family"]

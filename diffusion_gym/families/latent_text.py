@@ -48,8 +48,8 @@ from diffusion_gym.families.base import (
     Network,
     batch_timesteps,
     check_guidance_scale,
-    in_chunks,
 )
+from diffusion_gym.families.vae import VaeLatents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -99,7 +99,7 @@ def _variant(unet: UNet2DConditionModel, text_encoders: Sequence[nn.Module], tok
     return variant
 
 
-class LatentTextFamily(ModelFamily):
+class LatentTextFamily(VaeLatents, ModelFamily):
     """A latent text-to-image model (SD 1.x/2.x or SDXL); see the module docstring.
 
     The VAE and text encoders are frozen (``requires_grad_(False)``, eval mode); the UNet is put in
@@ -175,11 +175,6 @@ class LatentTextFamily(ModelFamily):
         height, width = self.resolution
         f = self.vae_scale_factor
         return (int(self.denoiser.config.in_channels), height // f, width // f)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(3, H, W)``: the VAE's image channels at :attr:`resolution`."""
-        return (int(self.vae.config.in_channels), *self.resolution)
 
     @property
     def default_guidance_scale(self) -> float:
@@ -369,54 +364,3 @@ class LatentTextFamily(ModelFamily):
         pipeline.save_lora_weights(
             folder, unet_lora_layers=lora_state, unet_lora_adapter_metadata=adapter_config, safe_serialization=True
         )
-
-    def _latent_stats(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        """``(shift, scale)`` with latents = (VAE mean − shift) · scale (diffusers' SD/SDXL/SD3 conventions)."""
-        config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            view = (1, -1, 1, 1)
-            shift = torch.tensor(mean, device=like.device, dtype=like.dtype).view(view)
-            scale = config.scaling_factor / torch.tensor(std, device=like.device, dtype=like.dtype).view(view)
-            return shift, scale
-        return float(getattr(config, "shift_factor", None) or 0.0), float(config.scaling_factor)
-
-    @torch.no_grad()
-    def decode(self, x: Tensor, batch_size: int = 16) -> Tensor:
-        """Images in ``[0, 1]`` (float32, on ``x``'s device) from latents: ``VAE.decode(x / scaling_factor)``."""
-        if x.shape[0] == 0:
-            return torch.zeros((0, *self.image_shape), device=x.device)
-
-        def one(chunk: Tensor) -> Tensor:
-            latents = chunk.to(self.vae.device, self.vae.dtype)
-            shift, scale = self._latent_stats(latents)
-            images = self.vae.decode(latents / scale + shift, return_dict=False)[0]
-            return (images.float() / 2 + 0.5).clamp(0, 1).to(x.device)
-
-        return torch.cat(in_chunks(one, x, batch_size))
-
-    @torch.no_grad()
-    def encode_images(self, images: Tensor, batch_size: int = 16) -> Tensor:
-        """Latents ``x_0`` (the denoiser's dtype, on ``images``' device) of images in ``[0, 1]``.
-
-        ``(VAE latent distribution's mean − shift) × scaling_factor``; the mean makes the encoding
-        deterministic (see the module docstring).
-
-        Raises:
-            ValueError: when the images are not ``(B, *image_shape)``.
-        """
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-            expected = ", ".join(map(str, self.image_shape))
-            raise ValueError(
-                f"images must have shape (B, {expected}) (the family's resolution), got {tuple(images.shape)}"
-            )
-        if images.shape[0] == 0:
-            return torch.zeros((0, *self.sample_shape), device=images.device, dtype=self.dtype)
-
-        def one(chunk: Tensor) -> Tensor:
-            pixels = (2 * chunk.float() - 1).to(self.vae.device, self.vae.dtype)
-            mean = self.vae.encode(pixels).latent_dist.mean
-            shift, scale = self._latent_stats(mean)
-            return ((mean - shift) * scale).to(images.device, self.dtype)
-
-        return torch.cat(in_chunks(one, images, batch_size))

@@ -7,11 +7,13 @@ spec                                        family
 ``"random:celebahq-256"``
 ``"random:sd-tiny"``, ``"random:sdxl-tiny"``  latent-text, tiny random components
                                             (:mod:`diffusion_gym.families.tiny`)
+``"random:sd3-tiny"``                       flow-text (SD3), tiny random components
 a local diffusers folder                    latent-text when its ``model_index.json`` names
                                             ``StableDiffusionPipeline`` or
-                                            ``StableDiffusionXLPipeline``; pixel for a
+                                            ``StableDiffusionXLPipeline``; flow-text for
+                                            ``StableDiffusion3Pipeline``; pixel for a
                                             ``UNet2DModel`` pipeline or UNet folder
-a hub id ``"owner/name"``                   the same, read from the Hugging Face cache only
+a hub id ``"owner/name"``                   the same, from the Hugging Face cache first
 ==========================================  ==================================================
 
 Offline first: a hub id is read from the Hugging Face cache without a network call. When it is
@@ -34,6 +36,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from diffusion_gym.extras import require
 from diffusion_gym.families.base import ModelFamily, place
+from diffusion_gym.families.flow_text import FlowTextFamily
 from diffusion_gym.families.latent_text import LatentTextFamily
 from diffusion_gym.families.pixel import PixelFamily
 from diffusion_gym.families.tiny import TINY_MODELS, build_tiny_family
@@ -48,6 +51,8 @@ from diffusion_gym.models import (
 
 LATENT_TEXT_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 """``model_index.json`` class names of the latent-text family, and their variant."""
+FLOW_TEXT_PIPELINES = {"StableDiffusion3Pipeline": "sd3"}
+"""``model_index.json`` class names of the flow text-to-image family."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 """The form of a hub id, ``owner/name``."""
 _WEIGHTS = {
@@ -69,13 +74,14 @@ def valid_specs() -> list[str]:
 
 
 def _required_files(variant: str) -> dict[str, list[tuple[str, ...]]]:
-    """Per component folder: groups of file names of which one must exist."""
+    """Per component folder: groups of file names of which one must exist (SD3's T5 is optional)."""
+    denoiser = "transformer" if variant == "sd3" else "unet"
     needed: dict[str, list[tuple[str, ...]]] = {
-        "unet": [("config.json",), _WEIGHTS["unet"]],
+        denoiser: [("config.json",), _WEIGHTS["unet"]],
         "vae": [("config.json",), _WEIGHTS["vae"]],
         "scheduler": [("scheduler_config.json",)],
     }
-    suffixes = ["", "_2"] if variant == "sdxl" else [""]
+    suffixes = ["", "_2"] if variant in ("sdxl", "sd3") else [""]
     for suffix in suffixes:
         needed[f"text_encoder{suffix}"] = [("config.json",), _WEIGHTS["text_encoder"]]
         needed[f"tokenizer{suffix}"] = [("tokenizer.json", "vocab.json")]
@@ -83,7 +89,7 @@ def _required_files(variant: str) -> dict[str, list[tuple[str, ...]]]:
 
 
 def missing_files(folder: Path, variant: str) -> list[str]:
-    """The files a latent-text pipeline folder lacks (``a|b``: either will do)."""
+    """The files a text-to-image pipeline folder (``"sd"``, ``"sdxl"``, ``"sd3"``) lacks (``a|b``: either will do)."""
     missing = []
     for component, groups in _required_files(variant).items():
         for names in groups:
@@ -223,6 +229,58 @@ def load_latent_text_dir(
     )
 
 
+def load_flow_text_dir(
+    folder: Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler: str = "ddim",
+    scheduler_overrides: dict[str, Any] | None = None,
+    source: str | None = None,
+) -> FlowTextFamily:
+    """A :class:`FlowTextFamily` from a ``StableDiffusion3Pipeline`` folder (``text_encoder_3``/T5 optional).
+
+    Args:
+        folder: the pipeline folder.
+        device: where to put the components.
+        dtype: their parameter dtype.
+        scheduler: ignored (flow models use their ``FlowMatchEulerDiscreteScheduler``); accepted so that
+            every folder loads with the same options.
+        scheduler_overrides: scheduler config keys to override.
+        source: what the folder is, for messages.
+
+    Raises:
+        MissingWeightsError: when a component's files are missing (named in the message).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    missing = missing_files(folder, "sd3")
+    if missing:
+        raise MissingWeightsError(
+            f"{source or folder} is a StableDiffusion3Pipeline but lacks {missing} (in {folder}). Provide the complete "
+            "pipeline folder (e.g. `hf download <repo>` or the pipeline's save_pretrained)."
+        )
+    transformers = require("transformers", "text", "flow text-to-image families (Stable Diffusion 3)")
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    encoders = [
+        transformers.CLIPTextModelWithProjection.from_pretrained(folder / f"text_encoder{s}", dtype=dtype).to(device)
+        for s in ("", "_2")
+    ]
+    tokenizers = [transformers.CLIPTokenizer.from_pretrained(folder / f"tokenizer{s}") for s in ("", "_2")]
+    t5 = None
+    if (folder / "text_encoder_3" / "config.json").is_file():
+        t5 = (
+            transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_3", dtype=dtype).to(device),
+            transformers.AutoTokenizer.from_pretrained(folder / "tokenizer_3"),
+        )
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    flow_scheduler = FlowMatchEulerDiscreteScheduler.from_config({**config, **(scheduler_overrides or {})})
+    return FlowTextFamily(
+        transformer.to(device), place(vae, device, dtype), encoders, tokenizers, flow_scheduler, t5=t5
+    )
+
+
 def _load_folder(folder: Path, source: str | None, options: dict[str, Any]) -> ModelFamily:
     """The family of a local diffusers folder (latent-text pipeline, else whatever ``load_model`` reads)."""
     index_path = folder / "model_index.json"
@@ -230,11 +288,13 @@ def _load_folder(folder: Path, source: str | None, options: dict[str, Any]) -> M
         class_name = json.loads(index_path.read_text()).get("_class_name")
         if class_name in LATENT_TEXT_PIPELINES:
             return load_latent_text_dir(folder, source=source, **options)
+        if class_name in FLOW_TEXT_PIPELINES:
+            return load_flow_text_dir(folder, source=source, **options)
         unet_config = folder / "unet" / "config.json"
         if unet_config.is_file() and json.loads(unet_config.read_text()).get("_class_name") != "UNet2DModel":
             raise ValueError(
                 f"unsupported pipeline {class_name!r} in {source or folder}; valid choices: "
-                f"{sorted(LATENT_TEXT_PIPELINES)} or a pipeline of a UNet2DModel"
+                f"{sorted(LATENT_TEXT_PIPELINES) + sorted(FLOW_TEXT_PIPELINES)} or a pipeline of a UNet2DModel"
             )
     return PixelFamily.from_loaded(load_model(folder, **options))
 

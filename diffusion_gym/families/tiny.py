@@ -22,12 +22,13 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from diffusion_gym.extras import require
 from diffusion_gym.families.base import place
+from diffusion_gym.families.flow_text import FlowTextFamily
 from diffusion_gym.families.latent_text import LatentTextFamily
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-TINY_MODELS = ("sd-tiny", "sdxl-tiny")
+TINY_MODELS = ("sd-tiny", "sdxl-tiny", "sd3-tiny")
 """The names after ``random:``."""
 TINY_MAX_LENGTH = 77
 """Token sequence length (the CLIP text encoders' ``max_position_embeddings``)."""
@@ -152,8 +153,8 @@ def _unet(sdxl: bool) -> UNet2DConditionModel:
     )
 
 
-def _vae(sdxl: bool) -> AutoencoderKL:
-    """A two-level VAE (scale factor 2) with 4 latent channels and SD's (or SDXL's) scaling factor."""
+def _vae(sdxl: bool, sd3: bool = False) -> AutoencoderKL:
+    """A two-level VAE (scale factor 2) with 4 latent channels and SD's (SDXL's, SD3's) scaling (and shift)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -163,7 +164,27 @@ def _vae(sdxl: bool) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=16,
-        scaling_factor=0.13025 if sdxl else 0.18215,
+        scaling_factor=1.5305 if sd3 else 0.13025 if sdxl else 0.18215,
+        shift_factor=0.0609 if sd3 else None,
+    )
+
+
+def _sd3_transformer() -> Any:
+    """A one-layer ``SD3Transformer2DModel`` over 4×8×8 latents (patch 1), taking two CLIP encoders' features."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=16,
     )
 
 
@@ -174,8 +195,8 @@ def build_tiny_family(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     scheduler_overrides: dict[str, Any] | None = None,
-) -> LatentTextFamily:
-    """A tiny random SD (``"sd-tiny"``) or SDXL (``"sdxl-tiny"``) family (see the module docstring).
+) -> LatentTextFamily | FlowTextFamily:
+    """A tiny random SD (``"sd-tiny"``), SDXL (``"sdxl-tiny"``) or SD3 (``"sd3-tiny"``) family (module docstring).
 
     Args:
         name: one of :data:`TINY_MODELS`.
@@ -190,6 +211,8 @@ def build_tiny_family(
     """
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; valid choices: {list(TINY_MODELS)}")
+    if name == "sd3-tiny":
+        return _tiny_sd3(seed, device, dtype, scheduler_overrides)
     sdxl = name == "sdxl-tiny"
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -206,4 +229,30 @@ def build_tiny_family(
         [tokenizer] * len(encoders),
         scheduler,
         force_zeros_for_empty_prompt=sdxl,
+    )
+
+
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+"""SD3's ``FlowMatchEulerDiscreteScheduler`` config."""
+
+
+def _tiny_sd3(
+    seed: int, device: str | torch.device, dtype: torch.dtype, scheduler_overrides: dict[str, Any] | None
+) -> FlowTextFamily:
+    """A tiny random SD3: a one-layer transformer, two projected CLIP encoders, no T5 (zero T5 embeddings)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tokenizer = tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, vae = _sd3_transformer(), _vae(False, sd3=True)
+        encoders = [_text_encoder(tokenizer, projection=True) for _ in range(2)]
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config({**SD3_SCHEDULER, **(scheduler_overrides or {})})
+    return FlowTextFamily(
+        place(transformer, device, dtype),
+        place(vae, device, dtype),
+        [place(encoder, device, dtype) for encoder in encoders],
+        [tokenizer, tokenizer],
+        scheduler,
+        max_sequence_length=16,
     )

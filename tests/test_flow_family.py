@@ -1,0 +1,117 @@
+"""Stable Diffusion 3 as a flow-matching family in the env and the policy: exact against
+``StableDiffusion3Pipeline`` at noise level 0, Flow-GRPO's SDE policy above it. Tiny random components, offline."""
+
+from __future__ import annotations
+
+import warnings
+
+import gymnasium as gym
+import pytest
+import torch
+
+import diffusion_gym  # noqa: F401  (registers DiffusionDenoise-v0)
+from agents.common.policy import DiffusionPolicy
+from diffusion_gym import sampling
+from diffusion_gym.envs import DiffusionDenoiseVectorEnv
+from diffusion_gym.families import FlowTextFamily, load_family
+from diffusion_gym.models import MissingWeightsError
+from diffusion_gym.wrappers import PromptIdObservation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["a photo of a cat", "a red car", "a dog"]
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def family() -> FlowTextFamily:
+    return load_family("random:sd3-tiny")
+
+
+def _pipeline_latents(family, prompts, latents, guidance):
+    pipe = family.pipeline()
+    return pipe(
+        prompts,
+        latents=latents,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        output_type="latent",
+        max_sequence_length=family.max_sequence_length,
+    ).images
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_env_and_policy_at_noise_level_zero_reproduce_the_sd3_pipeline(family, guidance):
+    envs = DiffusionDenoiseVectorEnv(
+        3, check_actions=False, model=family, num_steps=STEPS, eta=0.0, prompts=PROMPTS, guidance_scale=guidance
+    )
+    policy = DiffusionPolicy(family, envs.core.schedule, conditions=envs.core.conditions, guidance_scale=guidance)
+    assert isinstance(policy.schedule, sampling.FlowSchedule)
+    obs, info = envs.reset(seed=0)
+    first = obs
+    while True:
+        step = policy.act(obs["x_t"], info["step_index"], obs["c"])
+        obs, _, terminated, _, info = envs.step(step.x_prev)
+        if terminated.all():
+            break
+    prompts = [envs.prompts[i] for i in first["c"].tolist()]
+    expected = _pipeline_latents(family, prompts, first["x_t"], guidance)
+    assert (info["final_obs"]["x_t"] - expected).abs().max() < 1e-5
+    assert expected.abs().max() > 0.1
+    images = family.pipeline()(
+        prompts,
+        latents=first["x_t"],
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        output_type="pt",
+        max_sequence_length=family.max_sequence_length,
+    ).images
+    assert (family.decode(info["final_obs"]["x_t"]) - images).abs().max() < 1e-5
+
+
+def test_the_sde_policy_log_prob_is_a_normal_and_the_first_ratio_is_one(family):
+    envs = DiffusionDenoiseVectorEnv(3, model=family, num_steps=STEPS, eta=0.7, prompts=PROMPTS, guidance_scale=4.5)
+    policy = DiffusionPolicy(family, envs.core.schedule, conditions=envs.core.conditions, guidance_scale=4.5)
+    obs, info = envs.reset(seed=1)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(STEPS):
+        step = policy.act(obs["x_t"], info["step_index"], obs["c"], generator=generator)
+        normal = torch.distributions.Normal(step.mean.double(), step.std.double())
+        expected = normal.log_prob(step.x_prev.double()).mean(dim=(1, 2, 3))
+        assert (expected - step.log_prob.double()).abs().max() < 1e-5
+        again = policy.evaluate(obs["x_t"], info["step_index"], obs["c"], step.x_prev)
+        assert (again.log_prob - step.log_prob).abs().max() < 1e-6
+        obs, _, terminated, _, info = envs.step(step.x_prev)
+    assert terminated.all()
+
+
+@pytest.mark.parametrize("window", ["full", [(1, 3)]], ids=str)
+def test_check_env_is_clean_on_the_sd3_env(family, window):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(model=family, num_steps=6, eta=0.7, prompts=PROMPTS, window=window, references=images)
+    env = gym.make("DiffusionDenoise-v0", **kwargs).unwrapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env, skip_render_check=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*symmetric and normalized Box action space.*")
+        warnings.filterwarnings("ignore", message=".*image.*")
+        sb3_check_env(PromptIdObservation(gym.make("DiffusionDenoise-v0", **kwargs).unwrapped), warn=True)
+    obs, info = env.reset(seed=0)
+    assert env.observation_space["t"].n == 1001 and obs["t"] <= 1000  # t = σ·1000, rounded; σ = 1 first
+
+
+def test_an_sd3_pipeline_folder_loads_and_a_missing_component_is_named(family, tmp_path):
+    folder = tmp_path / "sd3"
+    family.pipeline().save_pretrained(folder)
+    loaded = load_family(folder)
+    assert isinstance(loaded, FlowTextFamily) and loaded.t5 is None
+    cond_a, cond_b = family.encode_conditions(PROMPTS[:2]), loaded.encode_conditions(PROMPTS[:2])
+    assert torch.equal(cond_a.embeds[:, :77], cond_b.embeds[:, :77])
+    for weights in (folder / "transformer").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    with pytest.raises(MissingWeightsError, match="transformer/diffusion_pytorch_model"):
+        load_family(folder)
