@@ -115,3 +115,38 @@ def test_an_sd3_pipeline_folder_loads_and_a_missing_component_is_named(family, t
         weights.unlink()
     with pytest.raises(MissingWeightsError, match="transformer/diffusion_pytorch_model"):
         load_family(folder)
+
+
+def test_ppo_is_with_lora_trains_sd3_and_its_lora_folder_loads_in_diffusers(tmp_path):
+    from agents.common.checkpoint import latest_checkpoint, load_checkpoint
+    from agents.common.policy import add_lora, load_lora_state_dict
+    from agents.ppo_is import train
+    from agents.ppo_is.config import load_config
+
+    overrides = [
+        "model=random:sd3-tiny",
+        "sample.eta=0.7",  # the SDE's noise level a
+        "sample.num_steps=4",
+        "sample.num_envs=8",
+        "num_epochs=2",
+        "eval.num_samples=4",
+    ]
+    result = train(load_config("envs_configs/sd-tiny_prompt_color.yaml", overrides), run_dir=tmp_path, progress=False)
+    assert all(e.first_ratio_max_dev < 1e-6 and e.num_pairs == 8 * 4 for e in result.epochs)
+    checkpoint = latest_checkpoint(tmp_path)
+    ours = load_family("random:sd3-tiny")
+    add_lora(ours.denoiser, 8)
+    load_lora_state_dict(ours.denoiser, load_checkpoint(checkpoint).extra_weights["lora"])
+    theirs = load_family("random:sd3-tiny")
+    pipe = theirs.pipeline()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.load_lora_weights(checkpoint / "lora")
+    latents = torch.randn((2, *ours.sample_shape), generator=torch.Generator().manual_seed(0))
+    expected = pipe(
+        ["red", "blue"], latents=latents, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
+        max_sequence_length=ours.max_sequence_length,
+    ).images  # fmt: skip
+    schedule = sampling.make_schedule(ours.scheduler, STEPS, eta=0.0)
+    x = sampling.denoise_chain(ours.chain_denoiser(5.0), latents, schedule, ours.encode_conditions(["red", "blue"]))
+    assert (x - expected).abs().max() < 1e-4

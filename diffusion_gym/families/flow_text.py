@@ -20,6 +20,7 @@ The conditioning follows diffusers' ``StableDiffusion3Pipeline`` exactly:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -217,6 +218,24 @@ class FlowTextFamily(VaeLatents, ModelFamily):
         )
         uncond, text = out.chunk(2)
         return uncond + g * (text - uncond)
+
+    def save_lora_weights(self, folder: Path, lora_state: dict[str, Tensor], adapter_config: dict[str, Any]) -> None:
+        """Write the transformer's LoRA adapters in diffusers' LoRA format (SD3's ``load_lora_weights`` reads them).
+
+        Args:
+            folder: the output folder (created).
+            lora_state: ``peft.get_peft_model_state_dict(transformer)``.
+            adapter_config: the adapter's ``LoraConfig`` as a dict.
+        """
+        from diffusers import StableDiffusion3Pipeline
+
+        folder.mkdir(parents=True, exist_ok=True)
+        StableDiffusion3Pipeline.save_lora_weights(
+            folder,
+            transformer_lora_layers=lora_state,
+            transformer_lora_adapter_metadata=adapter_config,
+            safe_serialization=True,
+        )
 
     def pipeline(self) -> Any:
         """The diffusers ``StableDiffusion3Pipeline`` over these components (shared; a fresh scheduler)."""
