@@ -70,7 +70,12 @@ class SampleConfig(Section):
     """How trajectories are collected (the vector env)."""
 
     num_steps: int = Field(40, ge=1, description="K, denoising steps (paper: 40)")
-    eta: float = Field(1.0, ge=0.0, description="DDIM eta: 1.0 = stochastic policy at every step but the last")
+    eta: float = Field(
+        1.0,
+        ge=0.0,
+        description="DDIM eta: 1.0 = stochastic policy at every step but the last; flow models (SD3): the SDE's "
+        "noise level a (Flow-GRPO: 0.7)",
+    )
     scheduler: Literal["ddim", "ddpm"] = Field("ddim", description="sampling scheduler built from the model's config")
     num_envs: int = Field(16, ge=1, description="episodes per batch (the vector env's size)")
     num_batches_per_epoch: int = Field(2, ge=1, description="batches collected per epoch (= per HRF iteration)")
