@@ -69,8 +69,35 @@ StepIndex = int | Tensor
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+class _PerStepTable:
+    """What both schedule kinds share: K, the deterministic steps, the device, a copy on another device."""
+
+    timesteps: Tensor
+    std: Tensor
+
+    @property
+    def num_steps(self) -> int:
+        """K, the number of denoising steps."""
+        return int(self.timesteps.shape[0])
+
+    @property
+    def deterministic(self) -> Tensor:
+        """``(K,)`` bool mask of the steps whose σ is 0 (not stochastic actions; a flow chain's ODE steps)."""
+        return self.std == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the coefficient tensors."""
+        return self.std.device
+
+    def to(self, device: str | torch.device) -> Any:
+        """A copy with every tensor on ``device``."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return type(self)(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()})
+
+
 @dataclass(frozen=True)
-class DenoisingSchedule:
+class DenoisingSchedule(_PerStepTable):
     """Per-step-index coefficients of a K-step DDIM(eta) or DDPM sampling chain.
 
     Build one with :func:`make_schedule`. Tensors have shape ``(K,)``; index them with the step
@@ -104,30 +131,9 @@ class DenoisingSchedule:
     num_train_timesteps: int
     """Number of training timesteps of the scheduler (T)."""
 
-    @property
-    def num_steps(self) -> int:
-        """K, the number of denoising steps."""
-        return int(self.timesteps.shape[0])
-
-    @property
-    def deterministic(self) -> Tensor:
-        """``(K,)`` bool mask of the steps whose σ is 0 (not stochastic actions)."""
-        return self.std == 0
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the coefficient tensors."""
-        return self.alpha_prod.device
-
-    def to(self, device: str | torch.device) -> DenoisingSchedule:
-        """A copy with every tensor on ``device``."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()}
-        return DenoisingSchedule(**moved)
-
 
 @dataclass(frozen=True)
-class FlowSchedule:
+class FlowSchedule(_PerStepTable):
     """Per-step-index coefficients of a K-step flow-matching chain with Flow-GRPO's SDE steps.
 
     Build one with :func:`make_flow_schedule`. Tensors have shape ``(K,)`` (``sigmas``: ``(K + 1,)``),
@@ -155,26 +161,6 @@ class FlowSchedule:
     """The scheduler's number of training timesteps (``timesteps = t · num_train_timesteps``)."""
     prediction_type: str = "flow"
     """What the network predicts: the velocity ``v = ε − x0``."""
-
-    @property
-    def num_steps(self) -> int:
-        """K, the number of denoising steps."""
-        return int(self.timesteps.shape[0])
-
-    @property
-    def deterministic(self) -> Tensor:
-        """``(K,)`` bool mask of the ODE steps (σ = 0: not stochastic actions)."""
-        return self.std == 0
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the coefficient tensors."""
-        return self.sigmas.device
-
-    def to(self, device: str | torch.device) -> FlowSchedule:
-        """A copy with every tensor on ``device``."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return FlowSchedule(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()})
 
 
 Schedule = DenoisingSchedule | FlowSchedule

@@ -117,13 +117,6 @@ class FlowTextFamily(VaeLatents, ModelFamily):
             )
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """``(latent channels, H / f, W / f)``."""
-        height, width = self.resolution
-        f = self.vae_scale_factor
-        return (int(self.denoiser.config.in_channels), height // f, width // f)
-
-    @property
     def default_guidance_scale(self) -> float:
         """7.0, ``StableDiffusion3Pipeline``'s default."""
         return SD3_DEFAULT_GUIDANCE

@@ -170,13 +170,6 @@ class LatentTextFamily(VaeLatents, ModelFamily):
             )
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """``(latent channels, H / f, W / f)`` with ``f`` the VAE's scale factor."""
-        height, width = self.resolution
-        f = self.vae_scale_factor
-        return (int(self.denoiser.config.in_channels), height // f, width // f)
-
-    @property
     def default_guidance_scale(self) -> float:
         """7.5 (SD) or 5.0 (SDXL), the pipelines' defaults."""
         return DEFAULT_GUIDANCE[self.variant]

@@ -98,6 +98,16 @@ def missing_files(folder: Path, variant: str) -> list[str]:
     return missing
 
 
+def check_complete(folder: Path, variant: str, class_name: str, source: str | None) -> None:
+    """Raise :class:`MissingWeightsError` naming the files a ``class_name`` pipeline folder lacks."""
+    missing = missing_files(folder, variant)
+    if missing:
+        raise MissingWeightsError(
+            f"{source or folder} is a {class_name} but lacks {missing} (in {folder}). Provide the complete pipeline "
+            "folder (e.g. `hf download <repo>` or the pipeline's save_pretrained)."
+        )
+
+
 def _hub_cache() -> Path:
     from huggingface_hub import constants
 
@@ -200,12 +210,7 @@ def load_latent_text_dir(
             f"unsupported pipeline {class_name!r} in {folder}; valid choices: {sorted(LATENT_TEXT_PIPELINES)}"
         )
     variant = LATENT_TEXT_PIPELINES[class_name]
-    missing = missing_files(folder, variant)
-    if missing:
-        raise MissingWeightsError(
-            f"{source or folder} is a {class_name} but lacks {missing} (in {folder}). Provide the complete pipeline "
-            "folder (e.g. `hf download <repo>` or the pipeline's save_pretrained)."
-        )
+    check_complete(folder, variant, class_name, source)
     transformers = require("transformers", "text", "latent-text model families (Stable Diffusion, SDXL)")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(folder / "vae")
@@ -254,12 +259,7 @@ def load_flow_text_dir(
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    missing = missing_files(folder, "sd3")
-    if missing:
-        raise MissingWeightsError(
-            f"{source or folder} is a StableDiffusion3Pipeline but lacks {missing} (in {folder}). Provide the complete "
-            "pipeline folder (e.g. `hf download <repo>` or the pipeline's save_pretrained)."
-        )
+    check_complete(folder, "sd3", "StableDiffusion3Pipeline", source)
     transformers = require("transformers", "text", "flow text-to-image families (Stable Diffusion 3)")
     transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(folder / "vae")

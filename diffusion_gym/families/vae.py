@@ -21,9 +21,17 @@ class VaeLatents:
     """Mixin: decode and encode through the family's ``vae`` (``AutoencoderKL``) at its ``resolution``."""
 
     vae: Any
+    denoiser: Any
     resolution: tuple[int, int]
-    sample_shape: tuple[int, ...]
+    vae_scale_factor: int
     dtype: torch.dtype
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(latent channels, H / f, W / f)`` with ``f`` the VAE's scale factor."""
+        height, width = self.resolution
+        f = self.vae_scale_factor
+        return (int(self.denoiser.config.in_channels), height // f, width // f)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
