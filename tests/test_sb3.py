@@ -188,7 +188,7 @@ def test_policy_rejects_mismatched_chain_and_options(model):
         _policy(venv, use_sde=True)
     with pytest.raises(ValueError, match="model spec string"):
         _policy(venv, model=model)
-    with pytest.raises(ValueError, match="image shape"):
+    with pytest.raises(ValueError, match="state shape"):
         DiffusionActorCriticPolicy(
             venv.observation_space, gym.spaces.Box(-1, 1, (3, 8, 8)), lambda _: 1e-4, num_steps=K
         )

@@ -337,6 +337,22 @@ def _move_into_place(root: Path, tmp: Path, final: Path) -> None:
         _fsync_dir(root)
 
 
+def _check_save_args(
+    epoch: int, keep: int, extra_weights: dict[str, Any], exports: dict[str, Callable[[Path], None]]
+) -> None:
+    """Raise ``ValueError`` for a bad epoch, ``keep``, extra-weights name or export folder name."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    for name in extra_weights:
+        if not isinstance(name, str) or not _EXTRA_NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid extra_weights name {name!r}: use letters, digits, '_', '.' and '-'")
+    for folder in exports:
+        if not isinstance(folder, str) or not _EXTRA_NAME_RE.fullmatch(folder) or folder in (UNET_DIR, "scheduler"):
+            raise ValueError(f"invalid export folder {folder!r}: use letters, digits, '_', '.' and '-' (not unet)")
+
+
 def save_checkpoint(
     run_dir: str | Path,
     epoch: int,
@@ -382,23 +398,13 @@ def save_checkpoint(
         TypeError: ``state`` is not a dict or holds an unsupported value (the message names its key path and
             type), or an ``extra_weights`` entry is not a dict of tensors. Nothing is written then.
     """
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    extra_weights = dict(extra_weights or {})
-    for name in extra_weights:
-        if not isinstance(name, str) or not _EXTRA_NAME_RE.fullmatch(name):
-            raise ValueError(f"invalid extra_weights name {name!r}: use letters, digits, '_', '.' and '-'")
+    extra_weights, exports = dict(extra_weights or {}), dict(exports or {})
+    _check_save_args(epoch, keep, extra_weights, exports)
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     encoded = encode_state(state)  # refuses unsupported values before anything is written
-    prepared = {extra_name: _prepare_tensors(extra_name, tensors) for extra_name, tensors in extra_weights.items()}
+    prepared = {name: _prepare_tensors(name, tensors) for name, tensors in extra_weights.items()}
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile wrapper
-    exports = dict(exports or {})
-    for folder in exports:
-        if not isinstance(folder, str) or not _EXTRA_NAME_RE.fullmatch(folder) or folder in (UNET_DIR, "scheduler"):
-            raise ValueError(f"invalid export folder {folder!r}: use letters, digits, '_', '.' and '-' (not unet)")
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)

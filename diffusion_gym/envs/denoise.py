@@ -224,17 +224,7 @@ class DenoiseCore:
         self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", "custom")
         self.reward_fn = make_reward(reward, **(reward_kwargs or {}))
         self.set_denoiser(denoiser)
-        default_refs = "digits" if is_embedded_digits(self.unet) else "model"
-        prompt_conditions = isinstance(self.conditions, PromptConditions)
-        self.references = make_references(
-            default_refs if references is None else references,
-            self.family.image_shape,
-            model_sampler=self._sample_from_model,
-            num_classes=self.num_classes,
-            encode=None if isinstance(self.family, PixelFamily) else self.family.encode_images,
-            prompt_id=self.conditions.check if prompt_conditions else None,
-            draw=self.conditions.draw if prompt_conditions else None,
-        )
+        self.references = self._references(references)
         self.window: WindowStrategy = make_window(window, **(window_kwargs or {}))
         self.window.bind(num_steps)
 
@@ -248,6 +238,20 @@ class DenoiseCore:
         self.started = False
         self._next_group = 0
         self._episodes_since_batch = 0
+
+    def _references(self, spec: str | Tensor | ReferenceSource | None) -> ReferenceSource:
+        """The reference source of ``spec`` (default: the embedded digits, or the current model's samples)."""
+        default = "digits" if is_embedded_digits(self.unet) else "model"
+        prompt_conditions = isinstance(self.conditions, PromptConditions)
+        return make_references(
+            default if spec is None else spec,
+            self.family.image_shape,
+            model_sampler=self._sample_from_model,
+            num_classes=self.num_classes,
+            encode=None if isinstance(self.family, PixelFamily) else self.family.encode_images,
+            prompt_id=self.conditions.check if prompt_conditions else None,
+            draw=self.conditions.draw if prompt_conditions else None,
+        )
 
     # ----------------------------------------------------------------------------------- policy
     def set_denoiser(self, denoiser: Denoiser | torch.nn.Module | None) -> None:
