@@ -31,7 +31,8 @@ def _lora(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_ppo_is_with_lora_raises_the_prompt_dependent_reward_on_fixed_noise(tmp_path):
-    """The shipped toy config (16 epochs of 128 episodes on a tiny random SD, about 75 s on 2 CPU cores).
+    """The shipped toy config (16 epochs of 128 episodes on a tiny random SD, about 75 s on 2 CPU cores;
+    measured +11.6 SE, and +15.0 / +7.4 SE with seeds 1 / 2).
 
     On the same fixed noise and prompts, the fine-tuned model's reward is higher, paired, by >= 3 SE.
     The reward is antisymmetric ("red": red − blue, "blue": blue − red) and the evaluation prompts
