@@ -249,10 +249,12 @@ class PromptConditions(ConditionSet):
         return self._table
 
     def encode(self, ids: Tensor) -> Conditioning:
-        """The prompts' embeddings (rows of the cached table), on the family's device."""
-        if ids.numel() == 0:
-            return self._table_for(1)[ids.cpu()]
-        table = self._table_for(int(ids.max()) + 1)
+        """The prompts' embeddings (rows of the cached table), on the family's device.
+
+        Every id comes from the book, so the table covers ``len(book)`` prompts; that count lives on the
+        host: looking up a batch never waits for the device.
+        """
+        table = self._table_for(max(1, len(self.book)))
         return table[ids.to(self.family.device)]
 
     def denoiser_input(self, ids: Tensor) -> Conditioning:
