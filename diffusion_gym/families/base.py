@@ -133,6 +133,33 @@ def batch_timesteps(t: Tensor | int, x: Tensor) -> Tensor:
     return t
 
 
+def classifier_free_guidance(
+    call: Callable[..., Tensor],
+    x: Tensor,
+    t: Tensor,
+    positive: Sequence[Tensor | None],
+    negative: Sequence[Tensor | None],
+    guidance_scale: float,
+) -> Tensor:
+    """``out_u + g·(out_c − out_u)`` from one ``call(x, t, *conditions)`` on the batch ``[negative, positive]``.
+
+    At ``g = 1`` only the conditional half runs (as diffusers' pipelines do). Fields that are ``None``
+    in ``positive`` stay ``None``.
+
+    Raises:
+        ValueError: for ``g != 1`` when a set field of ``positive`` has no negative counterpart.
+    """
+    if guidance_scale == 1.0:
+        return call(x, t, *positive)
+    if any(p is not None and n is None for p, n in zip(positive, negative, strict=True)):
+        raise ValueError(
+            f"guidance_scale {guidance_scale} needs the unconditional branch: the conditioning has no negatives"
+        )
+    both = [None if p is None else torch.cat([n, p]) for p, n in zip(positive, negative, strict=True)]
+    uncond, cond = call(torch.cat([x, x]), torch.cat([t, t]), *both).chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> list[Tensor]:
     """``fn`` applied to ``x`` in chunks of ``batch_size`` rows."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

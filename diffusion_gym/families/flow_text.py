@@ -27,7 +27,14 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
-from diffusion_gym.families.base import Conditioning, ModelFamily, Network, batch_timesteps, check_guidance_scale
+from diffusion_gym.families.base import (
+    Conditioning,
+    ModelFamily,
+    Network,
+    batch_timesteps,
+    check_guidance_scale,
+    classifier_free_guidance,
+)
 from diffusion_gym.families.latent_text import as_prompts
 from diffusion_gym.families.vae import VaeLatents
 
@@ -191,26 +198,15 @@ class FlowTextFamily(VaeLatents, ModelFamily):
         if cond.embeds is None or cond.pooled is None:
             raise ValueError(f"an SD3 conditioning needs embeds and pooled, got fields {sorted(cond.tensors())}")
         net = self.denoiser if network is None else network
-        t = batch_timesteps(t, x)
-        x = x.to(self.dtype)
 
         def call(x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
-            return net(
+            out = net(
                 hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False
-            )[0]
+            )
+            return out[0]
 
-        if g == 1.0:
-            return call(x, t, cond.embeds, cond.pooled)
-        if cond.negative_embeds is None or cond.negative_pooled is None:
-            raise ValueError(f"guidance_scale {g} needs the unconditional branch: the conditioning has no negatives")
-        out = call(
-            torch.cat([x, x]),
-            torch.cat([t, t]),
-            torch.cat([cond.negative_embeds, cond.embeds]),
-            torch.cat([cond.negative_pooled, cond.pooled]),
-        )
-        uncond, text = out.chunk(2)
-        return uncond + g * (text - uncond)
+        positive, negative = (cond.embeds, cond.pooled), (cond.negative_embeds, cond.negative_pooled)
+        return classifier_free_guidance(call, x.to(self.dtype), batch_timesteps(t, x), positive, negative, g)
 
     def save_lora_weights(self, folder: Path, lora_state: dict[str, Tensor], adapter_config: dict[str, Any]) -> None:
         """Write the transformer's LoRA adapters in diffusers' LoRA format (SD3's ``load_lora_weights`` reads them).

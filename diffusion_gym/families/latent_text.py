@@ -48,6 +48,7 @@ from diffusion_gym.families.base import (
     Network,
     batch_timesteps,
     check_guidance_scale,
+    classifier_free_guidance,
 )
 from diffusion_gym.families.vae import VaeLatents
 
@@ -279,28 +280,18 @@ class LatentTextFamily(VaeLatents, ModelFamily):
                 f"got fields {sorted(cond.tensors())}"
             )
         net = self.denoiser if network is None else network
-        t = batch_timesteps(t, x)
-        x = x.to(self.dtype)
-        if g == 1.0:
-            return self._call(net, x, t, cond.embeds, cond.pooled, cond.time_ids)
-        if not cond.has_negative:
-            raise ValueError(
-                f"guidance_scale {g} needs the unconditional branch: the conditioning has no negative_embeds"
-            )
 
-        def both(negative: Tensor | None, positive: Tensor | None) -> Tensor | None:
-            return None if positive is None else torch.cat([negative, positive])
+        def call(x: Tensor, t: Tensor, embeds: Tensor, pooled: Tensor | None, time_ids: Tensor | None) -> Tensor:
+            return self._call(net, x, t, embeds, pooled, time_ids)
 
-        out = self._call(
-            net,
-            torch.cat([x, x]),
-            torch.cat([t, t]),
-            both(cond.negative_embeds, cond.embeds),
-            both(cond.negative_pooled, cond.pooled),
-            both(cond.negative_time_ids, cond.time_ids),
+        return classifier_free_guidance(
+            call,
+            x.to(self.dtype),
+            batch_timesteps(t, x),
+            (cond.embeds, cond.pooled, cond.time_ids),
+            (cond.negative_embeds, cond.negative_pooled, cond.negative_time_ids),
+            g,
         )
-        uncond, text = out.chunk(2)
-        return uncond + g * (text - uncond)
 
     def pipeline(self) -> Any:
         """The diffusers ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) over these components.
