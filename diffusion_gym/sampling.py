@@ -272,11 +272,28 @@ def _ddpm_std(config: Any, timesteps: Tensor, current_beta: Tensor, posterior_va
     return torch.where(timesteps > 0, var.sqrt(), torch.zeros_like(var))  # no noise is added at t = 0
 
 
+def sde_window_mask(window: tuple[int, int] | None, num_steps: int) -> Tensor | None:
+    """The ``(K,)`` bool mask of the step indices ``[a, b)`` of an SDE window (``None``: every step).
+
+    Raises:
+        ValueError: for a window that is not ``0 <= a < b <= num_steps``.
+    """
+    if window is None:
+        return None
+    a, b = (int(v) for v in window)
+    if not 0 <= a < b <= num_steps:
+        raise ValueError(f"sde_window must be step indices (a, b) with 0 <= a < b <= {num_steps}, got {tuple(window)}")
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    mask[a:b] = True
+    return mask
+
+
 def make_schedule(
     scheduler: SchedulerMixin,
     num_steps: int,
     eta: float = 1.0,
     device: str | torch.device | None = None,
+    sde_window: tuple[int, int] | None = None,
 ) -> DenoisingSchedule:
     """Build the :class:`DenoisingSchedule` of a diffusers scheduler with ``num_steps`` steps.
 
@@ -291,13 +308,20 @@ def make_schedule(
             its config). ``eta = 1`` gives σ² = the posterior variance; above 1, σ² exceeds
             ``1 − ᾱ_prev`` and the mean's ``sqrt(1 − ᾱ_prev − σ²)`` is NaN.
         device: where the coefficient tensors live (default: CPU).
+        sde_window: flow schedulers only: the step indices ``[a, b)`` that are SDE steps (the others are
+            ODE steps: deterministic, not stored, not trained), as Flow-GRPO-Fast; ``None``: every step.
 
     Raises:
-        ValueError: for an unsupported scheduler, prediction type, variance type, ``num_steps`` or
-            ``eta``.
+        ValueError: for an unsupported scheduler, prediction type, variance type, ``num_steps``,
+            ``eta``, or an SDE window (bad, or for a DDIM/DDPM scheduler).
     """
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return make_flow_schedule(scheduler, num_steps, eta, device=device)  # type: ignore[return-value]
+        mask = sde_window_mask(sde_window, num_steps)
+        return make_flow_schedule(scheduler, num_steps, eta, sde_steps=mask, device=device)  # type: ignore[return-value]
+    if sde_window is not None:
+        raise ValueError(
+            f"sde_window applies to flow-matching schedulers (SD3); this {type(scheduler).__name__} chain takes None"
+        )
     kind = _schedule_kind(scheduler)
     config = scheduler.config
     _check_schedule_args(config, num_steps, eta)

@@ -150,3 +150,37 @@ def test_ppo_is_with_lora_trains_sd3_and_its_lora_folder_loads_in_diffusers(tmp_
     schedule = sampling.make_schedule(ours.scheduler, STEPS, eta=0.0)
     x = sampling.denoise_chain(ours.chain_denoiser(5.0), latents, schedule, ours.encode_conditions(["red", "blue"]))
     assert (x - expected).abs().max() < 1e-4
+
+
+def test_an_sde_window_stores_and_trains_only_its_steps_while_episodes_run_the_whole_chain(tmp_path):
+    """Flow-GRPO-Fast: with sde_window (2, 4) of a 6-step chain, each episode contributes 2 pairs."""
+    from agents.ppo_is import train
+    from agents.ppo_is.config import load_config
+
+    overrides = [
+        "model=random:sd3-tiny",
+        "sample.eta=0.7",
+        "sample.num_steps=6",
+        "sample.sde_window=[2, 4]",
+        "sample.num_envs=4",
+        "num_epochs=1",
+        "eval.num_samples=2",
+    ]
+    config = load_config("envs_configs/sd-tiny_prompt_color.yaml", overrides)
+    result = train(config, run_dir=tmp_path, progress=False)
+    epoch = result.epochs[0]
+    assert epoch.num_pairs == 4 * 2 and epoch.first_ratio_max_dev < 1e-6
+    envs = DiffusionDenoiseVectorEnv(2, model="random:sd3-tiny", num_steps=6, eta=0.7, sde_window=(2, 4))
+    assert (~envs.core.schedule.deterministic).nonzero().flatten().tolist() == [2, 3]
+    obs, info = envs.reset(seed=0)
+    steps = 0
+    while True:
+        obs, _, terminated, _, info = envs.step(torch.zeros(2, 4, 8, 8))
+        steps += 1
+        if terminated.all():
+            break
+    assert steps == 6  # the whole chain runs; only its SDE steps are actions a trainer stores
+    with pytest.raises(ValueError, match="sde_window applies to flow-matching"):
+        DiffusionDenoiseVectorEnv(2, model="random:digits", num_steps=6, sde_window=(2, 4))
+    with pytest.raises(ValueError, match=r"0 <= a < b <= 6"):
+        DiffusionDenoiseVectorEnv(2, model="random:sd3-tiny", num_steps=6, sde_window=(4, 9))

@@ -71,6 +71,7 @@ def make_env(
         window_kwargs=e.window_kwargs,
         num_steps=s.num_steps,
         eta=s.eta,
+        sde_window=s.sde_window,
         references=e.references,
         denoiser=policy.denoiser(),
         samples_per_reference=s.samples_per_reference,

@@ -84,6 +84,9 @@ class SampleConfig(Section):
     guidance_scale: float | None = Field(
         None, ge=0, description="classifier-free guidance of text models (default: the model's; pixel models: 1)"
     )
+    sde_window: tuple[int, int] | None = Field(
+        None, description="flow models: the step indices [a, b) that are SDE steps (Flow-GRPO-Fast); null: all"
+    )
 
 
 class EnvConfig(Section):

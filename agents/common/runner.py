@@ -438,7 +438,7 @@ class OnPolicyRunner:
         family = load_family(config.model, scheduler=config.sample.scheduler, device=config.device)
         conditions = make_conditions(family, config.env.prompts, config.env.negative_prompt)
         s = config.sample
-        schedule = sampling.make_schedule(family.scheduler, s.num_steps, eta=s.eta, device=config.device)
+        schedule = sampling.make_schedule(family.scheduler, s.num_steps, s.eta, config.device, s.sde_window)
         generator = torch.Generator().manual_seed(config.seed)
         progress = Progress(self.algorithm_class.name.upper(), enabled=self.progress and dist.is_main)
         context = RunContext(config, family, conditions, schedule, dist, generator, progress.phase)

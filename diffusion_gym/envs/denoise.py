@@ -183,6 +183,7 @@ class DenoiseCore:
         negative_prompt: str | None = None,
         guidance_scale: float | None = None,
         conditions: ConditionSet | None = None,
+        sde_window: tuple[int, int] | None = None,
     ) -> None:
         _check_core_args(
             num_envs=num_envs,
@@ -216,7 +217,7 @@ class DenoiseCore:
         self.guidance_scale = (
             self.family.default_guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)
         )
-        self.schedule = sampling.make_schedule(self.scheduler, num_steps, eta=eta, device=self.device)
+        self.schedule = sampling.make_schedule(self.scheduler, num_steps, eta, self.device, sde_window)
         self.probe_schedule = sampling.make_schedule(self.scheduler, num_steps, eta=0.0, device=self.device)
         self.num_steps = num_steps
         self.eta = eta
@@ -563,6 +564,9 @@ _ENV_DOC_ARGS = """
             policy uses its own, which the agents keep equal.
         conditions: (:class:`DenoiseCore` only) a built :class:`~diffusion_gym.conditions.ConditionSet`
             shared with the agent's policy (instead of ``prompts``/``negative_prompt``).
+        sde_window: flow-matching models (SD3) only: the step indices ``[a, b)`` whose steps are
+            stochastic SDE steps (Flow-GRPO-Fast); the others are deterministic ODE steps (not actions
+            an agent trains on). ``None``: every step is an SDE step with noise level ``eta``.
 """
 
 
