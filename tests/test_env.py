@@ -1,9 +1,8 @@
-import warnings
-
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from _checks import check_envs_are_clean
 from diffusers import DDIMScheduler
 
 import diffusion_gym  # noqa: F401  (registers DiffusionDenoise-v0)
@@ -48,18 +47,9 @@ def test_registration_and_make():
 
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
 def test_gymnasium_and_sb3_check_env_are_clean(window, model):
-    from gymnasium.utils.env_checker import check_env
-    from stable_baselines3.common.env_checker import check_env as sb3_check_env
-
     kwargs = {"num_steps": K, **_window_kwargs(window)}
     env = gym.make("DiffusionDenoise-v0", model=model, window=window, probe_size=2, **kwargs).unwrapped
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # clean: not even a warning
-        check_env(env, skip_render_check=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*symmetric and normalized Box action space.*")
-        warnings.filterwarnings("ignore", message=".*image.*")  # SB3's advice for uint8 image spaces
-        sb3_check_env(DiffusionDenoiseEnv(model=model, window=window, probe_size=2, **kwargs), warn=True)
+    check_envs_are_clean(env, DiffusionDenoiseEnv(model=model, window=window, probe_size=2, **kwargs))
 
 
 def _ddim(model_scheduler, steps):

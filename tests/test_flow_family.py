@@ -8,6 +8,7 @@ import warnings
 import gymnasium as gym
 import pytest
 import torch
+from _checks import check_envs_are_clean
 
 import diffusion_gym  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents.common.policy import DiffusionPolicy
@@ -87,19 +88,11 @@ def test_the_sde_policy_log_prob_is_a_normal_and_the_first_ratio_is_one(family):
 
 @pytest.mark.parametrize("window", ["full", [(1, 3)]], ids=str)
 def test_check_env_is_clean_on_the_sd3_env(family, window):
-    from gymnasium.utils.env_checker import check_env
-    from stable_baselines3.common.env_checker import check_env as sb3_check_env
-
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kwargs = dict(model=family, num_steps=6, eta=0.7, prompts=PROMPTS, window=window, references=images)
     env = gym.make("DiffusionDenoise-v0", **kwargs).unwrapped
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        check_env(env, skip_render_check=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*symmetric and normalized Box action space.*")
-        warnings.filterwarnings("ignore", message=".*image.*")
-        sb3_check_env(PromptIdObservation(gym.make("DiffusionDenoise-v0", **kwargs).unwrapped), warn=True)
+    sb3_env = PromptIdObservation(gym.make("DiffusionDenoise-v0", **kwargs).unwrapped)
+    check_envs_are_clean(env, sb3_env, render=False)
     obs, info = env.reset(seed=0)
     assert env.observation_space["t"].n == 1001 and obs["t"] <= 1000  # t = σ·1000, rounded; σ = 1 first
 

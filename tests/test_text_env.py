@@ -7,12 +7,12 @@ configs, with a tokenizer whose vocabulary the code writes: no test touches the 
 from __future__ import annotations
 
 import json
-import warnings
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from _checks import check_envs_are_clean
 
 import diffusion_gym  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents.common.policy import DiffusionPolicy
@@ -133,22 +133,13 @@ def test_eta1_steps_equal_ddim_step_and_a_normal_log_prob_and_the_first_ratio_is
     ids=str,
 )
 def test_gymnasium_and_sb3_check_env_are_clean_on_the_text_env(window, start_mode):
-    from gymnasium.utils.env_checker import check_env
-    from stable_baselines3.common.env_checker import check_env as sb3_check_env
-
     steps = 40 if window in ("hrf", "hrf-early", "hrf-later") else 10  # the paper's presets: a 40-step chain
     # references: images (VAE-encoded at start; "model" samples are tested below), HRF-D probing every 3rd step
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kwargs = dict(model="random:sd-tiny", window=window, num_steps=steps, prompts=PROMPTS, probe_size=2)
     kwargs.update(references=images, window_kwargs={"stride": 3} if window == "hrf-d" else {})
     env = gym.make("DiffusionDenoise-v0", render_mode="rgb_array", start_mode=start_mode, **kwargs).unwrapped
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # clean: not even a warning
-        check_env(env, skip_render_check=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*symmetric and normalized Box action space.*")
-        warnings.filterwarnings("ignore", message=".*image.*")  # SB3's advice for uint8 image spaces
-        sb3_check_env(PromptIdObservation(DiffusionDenoiseEnv(start_mode=start_mode, **kwargs)), warn=True)
+    check_envs_are_clean(env, PromptIdObservation(DiffusionDenoiseEnv(start_mode=start_mode, **kwargs)))
     obs, info = env.reset(seed=1)
     assert obs["c"] in PROMPTS and obs["x_t"].shape == (4, 8, 8)
     assert env.render().shape == (16, 16, 3)  # the decoded image, not the latent
