@@ -1,6 +1,7 @@
 """The algorithm registry: a config's ``algo`` names its schema and its algorithm class.
 
-Built in: ``ppo-is`` (DDPO-IS with HRF / HRF-D windows and DRIFT's options) and ``vard``. A new
+Built in: ``ppo-is`` (DDPO-IS with HRF / HRF-D windows and DRIFT's options), ``grpo`` (Flow-GRPO:
+PPO-IS with per-prompt groups and a KL to the base) and ``vard``. A new
 algorithm is a module with a config schema (a :class:`~agents.common.config.RunConfig` subclass)
 and an :class:`~agents.common.runner.Algorithm` subclass, registered here with
 :func:`register_algorithm`; the runner gives it seeding, logging, evaluation, checkpoints and
@@ -23,6 +24,7 @@ __all__ = ["algorithm_names", "get_algorithm", "get_schema", "load_run_config", 
 _REGISTRY: dict[str, tuple[str, str]] = {
     "ppo-is": ("agents.ppo_is.config:Config", "agents.ppo_is.algorithm:PPOIS"),
     "vard": ("agents.vard.config:VardConfig", "agents.vard.algorithm:VARD"),
+    "grpo": ("agents.grpo.config:GRPOConfig", "agents.grpo.algorithm:GRPO"),
 }
 DEFAULT_ALGO = "ppo-is"
 

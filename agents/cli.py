@@ -1,7 +1,7 @@
 """The ``diffusion-gym`` command line.
 
 Subcommands:
-    train     PPO-IS (DDPO-IS / HRF / HRF-D) or VARD (``--algo vard``) from a YAML config in envs_configs/.
+    train     PPO-IS (DDPO-IS / HRF / HRF-D), GRPO (``--algo grpo``) or VARD (``--algo vard``) from a YAML config.
     sample    draw a PNG grid of images from a model or a training checkpoint.
     evaluate  reward ± SE, Inception Score and Vendi scores of models, all from the same noise (JSON).
     report    the paper's tables and plots from evaluation JSON files (Markdown + PNG).
@@ -98,8 +98,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "--algo",
         choices=algorithm_names(),
         default=None,
-        help="trainer and config schema: ppo-is (DDPO / HRF / HRF-D / DRIFT) or vard; default: the config's "
-        "algo field, else ppo-is (a contradicting config is an error)",
+        help="trainer and config schema: ppo-is (DDPO / HRF / HRF-D / DRIFT), grpo (Flow-GRPO) or vard; default: the "
+        "config's algo field, else ppo-is (a contradicting config is an error)",
     )
     p.add_argument("--config", default=None, help="YAML file (envs_configs/*.yaml); default: built-in defaults")
     p.add_argument(

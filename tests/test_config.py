@@ -1,4 +1,4 @@
-"""The PPO-IS config schema and the shipped envs_configs/*.yaml files."""
+"""The PPO-IS (and GRPO, its subclass) config schema and the shipped envs_configs/*.yaml files."""
 
 import itertools
 import re
@@ -8,12 +8,14 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from agents.algorithms import load_run_config
 from agents.ppo_is.config import Config, ConfigError, load_config
 from diffusion_gym.rewards import available_rewards
 from diffusion_gym.windows import PRESETS, make_window
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "envs_configs"
-# PPO-IS configs; the study (paper_*.yaml, agents/paper.py) and other agents' configs have their own schemas
+# PPO-IS and GRPO configs (GRPO's schema is PPO-IS's with other defaults); the study (paper_*.yaml,
+# agents/paper.py) and other agents' configs have their own schemas
 YAMLS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("paper_") and "_vard_" not in p.name)
 DIGITS_METHODS = ("ddpo", "hrf", "hrf-early", "hrf-later", "hrf-d", "drift")
 DIGITS_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
@@ -86,7 +88,7 @@ def test_expected_files_exist():
     expected = {f"digits_{m}_{r}.yaml" for m in DIGITS_METHODS for r in DIGITS_REWARDS}
     expected |= {f"celebahq_{m}_{t}.yaml" for m in PAPER_METHODS for t in PAPER_TASKS}
     expected |= {f"{v}_{r}.yaml" for v in ("sd15", "sdxl") for r in ("aesthetic", "jpeg_compressibility")}
-    expected |= {"sd-tiny_prompt_color.yaml"}
+    expected |= {"sd-tiny_prompt_color.yaml", "sd3-tiny_grpo_prompt_color.yaml"}
     assert expected == {p.name for p in YAMLS}
     assert (CONFIG_DIR / "README.md").is_file()
     readme = (CONFIG_DIR / "README.md").read_text()
@@ -96,7 +98,7 @@ def test_expected_files_exist():
 @pytest.mark.parametrize("path", YAMLS, ids=_ids(YAMLS))
 def test_loads_and_is_buildable(path):
     """Validates without weights; names resolve to a registered reward and a window that fits the chain."""
-    config = load_config(path)
+    config = load_run_config(path)
     assert config.env.reward in available_rewards()
     window = make_window(config.env.window, **config.env.window_kwargs)
     window.bind(config.sample.num_steps)
@@ -116,7 +118,7 @@ def test_every_field_is_written(path):
     assert written - SCHEMA_KEYS == set(), "keys outside the schema"
     assert SCHEMA_KEYS - written == set(), "schema keys missing from the file"
     # Typed as written (e.g. `3e-4` without a dot would be a YAML string; `no` would be a boolean).
-    config = load_config(path)
+    config = load_run_config(path)
     for key, value in _flat(config).items():
         raw = data[key.split(".")[0]][key.split(".")[1]] if "." in key else data[key]
         if isinstance(value, float):

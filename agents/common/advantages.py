@@ -27,20 +27,27 @@ def global_standardize(rewards: Tensor) -> Tensor:
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + _EPS)
 
 
-def group_standardize(rewards: Tensor, groups: Tensor) -> Tensor:
-    """Standardise each reward within its group (population std); singleton groups use the batch stats.
+ADVANTAGE_STDS = ("group", "batch")
+
+
+def group_standardize(rewards: Tensor, groups: Tensor, std: str = "group") -> Tensor:
+    """Centre each reward on its group's mean and divide by a std; singleton groups use the batch stats.
 
     Args:
         rewards: ``(N,)`` rewards.
-        groups: ``(N,)`` integer group ids (e.g. the reference image of each trajectory).
+        groups: ``(N,)`` integer group ids (e.g. the reference image, or the prompt of a GRPO group).
+        std: ``"group"``: each group's population std (HRF, GRPO); ``"batch"``: the whole batch's
+            (Flow-GRPO's ``global_std``: groups whose rewards barely differ get small advantages).
     """
+    if std not in ADVANTAGE_STDS:
+        raise ValueError(f"unknown advantage std {std!r}; valid choices: {list(ADVANTAGE_STDS)}")
     _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
     n_groups = counts.numel()
     total = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, rewards)
     mean = total / counts
     sq = torch.zeros_like(total).index_add_(0, inverse, (rewards - mean[inverse]) ** 2)
-    std = (sq / counts).sqrt()
-    per_group = (rewards - mean[inverse]) / (std[inverse] + _EPS)
+    scale = (sq / counts).sqrt()[inverse] if std == "group" else rewards.std(unbiased=False).expand_as(rewards)
+    per_group = (rewards - mean[inverse]) / (scale + _EPS)
     singleton = counts[inverse] < 2
     return torch.where(singleton, global_standardize(rewards), per_group)
 
@@ -95,6 +102,7 @@ def compute_advantages(
     mode: str = "auto",
     tracker: PerConditionStatTracker | None = None,
     clip: float = 5.0,
+    std: str = "group",
 ) -> Tensor:
     """Advantages of a batch of trajectories.
 
@@ -107,13 +115,14 @@ def compute_advantages(
             tracker is given, else global.
         tracker: the per-condition tracker (needed by ``"condition"``).
         clip: clip the advantages to ``[−clip, clip]``.
+        std: the ``"group"`` mode's divisor (:func:`group_standardize`).
     """
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"unknown advantage mode {mode!r}; valid choices: {list(ADVANTAGE_MODES)}")
     if mode == "auto":
         mode = "group" if bool((groups >= 0).all()) else ("condition" if tracker is not None else "global")
     if mode == "group":
-        adv = group_standardize(rewards, groups)
+        adv = group_standardize(rewards, groups, std)
     elif mode == "condition":
         if tracker is None:
             raise ValueError("advantage mode 'condition' needs a PerConditionStatTracker")

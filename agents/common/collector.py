@@ -75,6 +75,7 @@ def make_env(
         references=e.references,
         denoiser=policy.denoiser(),
         samples_per_reference=s.samples_per_reference,
+        samples_per_condition=s.samples_per_condition,
         probe_size=e.probe_size,
         device=config.device,
     )

@@ -80,6 +80,12 @@ class SampleConfig(Section):
     num_envs: int = Field(16, ge=1, description="episodes per batch (the vector env's size)")
     num_batches_per_epoch: int = Field(2, ge=1, description="batches collected per epoch (= per HRF iteration)")
     samples_per_reference: int = Field(4, ge=1, description="episodes per reference image: one advantage group")
+    samples_per_condition: int = Field(
+        1,
+        ge=1,
+        description="episodes from pure noise per drawn condition (prompt): GRPO's group size, one advantage group "
+        "(1: each episode draws its own)",
+    )
     start_mode: Literal["shared", "per_sample"] = Field("shared", description="one start step per batch or per sample")
     guidance_scale: float | None = Field(
         None, ge=0, description="classifier-free guidance of text models (default: the model's; pixel models: 1)"
@@ -112,6 +118,12 @@ class EvalConfig(Section):
     num_samples: int = Field(64, ge=1, description="images in the logged grid / evaluation")
     seed: int = Field(1234, description="seed of the fixed evaluation noise")
     every: int = Field(1, ge=1, description="evaluate (reward + image grid) every N epochs")
+    num_steps: int | None = Field(
+        None, ge=1, description="sampling steps of the evaluation chain (null: sample.num_steps; Flow-GRPO: 40 vs 10)"
+    )
+    eta: float | None = Field(
+        None, ge=0, description="eta / flow noise level of the evaluation chain (null: sample.eta; 0: deterministic)"
+    )
 
 
 class RunConfig(Section):

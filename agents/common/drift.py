@@ -257,7 +257,13 @@ class DriftAdvantages:
         return [self.diversity] if self.diversity is not None else []
 
     def set_advantages(
-        self, rollout: Rollout, traj: Trajectories, tracker: PerConditionStatTracker, mode: str, clip: float
+        self,
+        rollout: Rollout,
+        traj: Trajectories,
+        tracker: PerConditionStatTracker,
+        mode: str,
+        clip: float,
+        std: str = "group",
     ) -> tuple[Tensor | None, dict[str, float]]:
         """Compute the epoch's advantages into ``rollout``; returns the kept-trajectory mask and statistics.
 
@@ -278,7 +284,7 @@ class DriftAdvantages:
         else:
             advantages = torch.zeros_like(rewards)
             advantages[kept] = compute_advantages(
-                rewards[kept], groups[kept], conditions[kept], mode, tracker, clip=clip
+                rewards[kept], groups[kept], conditions[kept], mode, tracker, clip=clip, std=std
             )
             rollout.set_advantages(advantages)
         return keep, stats

@@ -260,7 +260,12 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def fixed_noise_rewards(
-    policy: DiffusionPolicy, core: DenoiseCore, num_samples: int, seed: int, device: str | torch.device = "cpu"
+    policy: DiffusionPolicy,
+    core: DenoiseCore,
+    num_samples: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    schedule: sampling.Schedule | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample rewards ``(num_samples,)`` of images from fixed noise, and the images in ``[0, 1]``.
 
@@ -268,11 +273,12 @@ def fixed_noise_rewards(
     the base model and every fine-tuned one are evaluated on the same noise, sample for sample (their
     differences are paired). Conditions cycle over the env's conditions in order (``i % num_classes``;
     a text model's prompt list), and a latent model's samples are decoded by its VAE before the reward.
+    ``schedule``: the evaluation chain (default: the policy's, the one it is trained on).
     """
     ids = core.conditions.evaluation_ids(num_samples).to(device)
     states = sampling.generate(
         policy.denoiser(),
-        policy.schedule,
+        policy.schedule if schedule is None else schedule,
         num_samples,
         core.sample_shape,
         core.conditions.denoiser_input(ids),
@@ -284,11 +290,29 @@ def fixed_noise_rewards(
 
 
 def evaluate_policy(
-    policy: DiffusionPolicy, core: DenoiseCore, num_samples: int, seed: int, device: str | torch.device = "cpu"
+    policy: DiffusionPolicy,
+    core: DenoiseCore,
+    num_samples: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    schedule: sampling.Schedule | None = None,
 ) -> tuple[metrics.MeanStd, Tensor]:
     """Reward (mean, standard error) of :func:`fixed_noise_rewards`, and the images in ``[0, 1]``."""
-    rewards, images = fixed_noise_rewards(policy, core, num_samples, seed, device)
+    rewards, images = fixed_noise_rewards(policy, core, num_samples, seed, device, schedule)
     return metrics.mean_and_standard_error(rewards), images
+
+
+def evaluation_schedule(config: RunConfig, family: ModelFamily) -> sampling.Schedule | None:
+    """The chain of the fixed-noise evaluation; ``None`` (the training chain itself) when ``eval`` sets none.
+
+    ``eval.num_steps`` steps at ``eval.eta``, each defaulting to ``sample``'s, with no SDE window.
+    """
+    e, s = config.eval, config.sample
+    if e.num_steps is None and e.eta is None:
+        return None
+    steps = s.num_steps if e.num_steps is None else e.num_steps
+    eta = s.eta if e.eta is None else e.eta
+    return sampling.make_schedule(family.scheduler, steps, eta, config.device)
 
 
 GRID_MAX_COLUMNS = 16
@@ -596,6 +620,7 @@ class _Session:
         self.writer: Any = SummaryWriter(str(run_dir / "tb")) if dist.is_main else _NoWriter()
         self.writer.add_text("config", "```yaml\n" + dump_config(config) + "```", 0)
         self.base_eval: metrics.MeanStd | None = None
+        self.eval_schedule = evaluation_schedule(config, family)
 
     def close(self, result: TrainResult) -> None:
         """Record the run's hyper-parameters with its final evaluation, and close the writer."""
@@ -612,7 +637,8 @@ class _Session:
         e, core = self.config.eval, self.algo.envs.core
         mean_std = None
         if self.dist.is_main:
-            mean_std, images = evaluate_policy(self.algo.policy, core, e.num_samples, e.seed, self.config.device)
+            policy, device = self.algo.policy, self.config.device
+            mean_std, images = evaluate_policy(policy, core, e.num_samples, e.seed, device, self.eval_schedule)
             columns = grid_columns(core.conditions)
             self.writer.add_image("eval/samples", grid_image(images, columns), step)
             self.writer.add_scalar("eval/reward_mean", mean_std.mean, step)

@@ -298,11 +298,19 @@ class PPOIS(Algorithm):
         t = self.config.train
         keep, drift_stats = None, {}
         if self.drift is not None:
-            keep, drift_stats = self.drift.set_advantages(rollout, traj, self.tracker, t.advantage_mode, t.adv_clip_max)
+            keep, drift_stats = self.drift.set_advantages(
+                rollout, traj, self.tracker, t.advantage_mode, t.adv_clip_max, t.advantage_std
+            )
         else:
             rollout.set_advantages(
                 compute_advantages(
-                    traj.rewards, traj.groups, traj.conditions, t.advantage_mode, self.tracker, clip=t.adv_clip_max
+                    traj.rewards,
+                    traj.groups,
+                    traj.conditions,
+                    t.advantage_mode,
+                    self.tracker,
+                    clip=t.adv_clip_max,
+                    std=t.advantage_std,
                 )
             )
         keep_pairs = keep[rollout.pair_trajectories()] if keep is not None else None

@@ -57,6 +57,10 @@ class TrainConfig(_Section):
     advantage_mode: Literal["auto", "group", "condition", "global"] = Field(
         "auto", description="auto: per reference for windows, per condition (tracked) for full"
     )
+    advantage_std: Literal["group", "batch"] = Field(
+        "group",
+        description="group mode: divide by each group's reward std, or by the whole batch's (Flow-GRPO's global_std)",
+    )
     stat_buffer_size: int = Field(32, ge=1, description="per-condition tracker: rewards kept per condition")
     stat_min_count: int = Field(16, ge=1, description="per-condition tracker: rewards needed before own stats")
     kl_coef: float = Field(0.0, ge=0, description="KL(π_θ ‖ π_ref) penalty weight (0: off)")

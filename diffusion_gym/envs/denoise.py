@@ -91,7 +91,14 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_core_args(
-    *, num_envs: int, start_mode: str, shard: Shard | None, info_x0: bool, samples_per_reference: int, probe_size: int
+    *,
+    num_envs: int,
+    start_mode: str,
+    shard: Shard | None,
+    info_x0: bool,
+    samples_per_reference: int,
+    samples_per_condition: int,
+    probe_size: int,
 ) -> None:
     """Raise a ``ValueError`` (``TypeError`` for a wrong type) naming a bad :class:`DenoiseCore` argument."""
     if not _is_int(num_envs) or num_envs < 1:
@@ -107,7 +114,12 @@ def _check_core_args(
         )
     if not isinstance(info_x0, bool):
         raise TypeError(f"info_x0 must be a bool, got {info_x0!r}")
-    for name, value in (("samples_per_reference", samples_per_reference), ("probe_size", probe_size)):
+    sizes = (
+        ("samples_per_reference", samples_per_reference),
+        ("samples_per_condition", samples_per_condition),
+        ("probe_size", probe_size),
+    )
+    for name, value in sizes:
         if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
@@ -184,6 +196,7 @@ class DenoiseCore:
         guidance_scale: float | None = None,
         conditions: ConditionSet | None = None,
         sde_window: tuple[int, int] | None = None,
+        samples_per_condition: int = 1,
     ) -> None:
         _check_core_args(
             num_envs=num_envs,
@@ -191,6 +204,7 @@ class DenoiseCore:
             shard=shard,
             info_x0=info_x0,
             samples_per_reference=samples_per_reference,
+            samples_per_condition=samples_per_condition,
             probe_size=probe_size,
         )
         self.shard = shard
@@ -201,6 +215,7 @@ class DenoiseCore:
         self.global_num_envs = num_envs * (shard.world_size if shard is not None else 1)
         self.start_mode = start_mode
         self.samples_per_reference = samples_per_reference
+        self.samples_per_condition = samples_per_condition
         self.probe_size = probe_size
 
         self.family = as_family(model, scheduler, self.device)
@@ -229,7 +244,11 @@ class DenoiseCore:
         self.window: WindowStrategy = make_window(window, **(window_kwargs or {}))
         self.window.bind(num_steps)
 
-        b = num_envs
+        self._allocate_episodes()
+
+    def _allocate_episodes(self) -> None:
+        """The per-env episode tensors (state, step index, start, condition, group) and the counters."""
+        b = self.num_envs
         self.x = torch.zeros((b, *self.sample_shape), device=self.device)
         self.k = torch.zeros(b, dtype=torch.long, device=self.device)
         self.k0 = torch.zeros(b, dtype=torch.long, device=self.device)
@@ -380,13 +399,13 @@ class DenoiseCore:
         k0 = torch.from_numpy(steps).to(self.device)
         uses_refs = self.window.uses_references or (start_step is not None and start_step > 0)
         if uses_refs:
-            groups = -(-n // self.samples_per_reference)
-            refs = self.references.sample(groups, rng, self.device)
-            which = torch.arange(n, device=self.device) // self.samples_per_reference
+            which, group, count = self._groups(n, self.samples_per_reference)
+            refs = self.references.sample(count, rng, self.device)
             images, c = refs.images[which], refs.conditions[which]
-            group = torch.arange(self._next_group, self._next_group + groups, device=self.device)[which]
-            self._next_group += groups
             x = sampling.add_noise(images, noise, k0, self.schedule)
+        elif self.samples_per_condition > 1:  # GRPO: groups of episodes share a condition (a prompt)
+            which, group, count = self._groups(n, self.samples_per_condition)
+            x, c = noise, self.conditions.draw(count, rng).to(self.device)[which]
         else:
             x = noise
             c = self.conditions.draw(n, rng)
@@ -401,6 +420,17 @@ class DenoiseCore:
         self.k[t_idx], self.k0[t_idx], self.c[t_idx], self.group[t_idx] = k0, k0, c.long(), group
         self.k_host[idx] = steps
         self.started = True
+
+    def _groups(self, n: int, size: int) -> tuple[Tensor, Tensor, int]:
+        """Split ``n`` episodes into consecutive groups of ``size``.
+
+        Returns each episode's group index in the batch, its group id, and the number of groups.
+        """
+        groups = -(-n // size)
+        which = torch.arange(n, device=self.device) // size
+        group = torch.arange(self._next_group, self._next_group + groups, device=self.device)[which]
+        self._next_group += groups
+        return which, group, groups
 
     def check_actions(self, actions: Tensor) -> None:
         """Raise a clear error for actions of the wrong shape/dtype or with NaN/Inf/out-of-bound values."""
@@ -540,6 +570,9 @@ _ENV_DOC_ARGS = """
         denoiser: the current policy's network for HRF-D probes and model references (a UNet or a
             ``(x, t, c) -> output`` callable); default: the loaded base model.
         samples_per_reference: episodes started from each reference in a batch (one advantage group).
+        samples_per_condition: episodes from pure noise come in consecutive groups of this many that share
+            one condition (a prompt, a class) and a group id (``info["group"]``): GRPO's group size. 1
+            (default): each episode draws its own condition and has group −1.
         start_mode: ``"shared"`` (default; one start step per batch, as the paper's code) or
             ``"per_sample"`` (one start step per episode, the paper's Algorithm 1).
         probe_size: references per HRF-D probe.
