@@ -55,6 +55,31 @@ def load_digits_dataset(size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Te
     return images.clamp(0.0, 1.0), torch.from_numpy(labels.astype(np.int64))
 
 
+def ink(images: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` ink of images in ``[0, 1]`` (``(B, 1 or 3, H, W)``, any size): the sum of the grey levels at 16×16.
+
+    Images of another size are resized to 16×16 first, so the ink of a digit does not depend on the
+    resolution it was drawn at.
+    """
+    grey = images.float().mean(dim=1, keepdim=True) if images.shape[1] == 3 else images.float()
+    if grey.shape[-2:] != (DIGITS_SIZE, DIGITS_SIZE):
+        grey = F.interpolate(
+            grey, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False, antialias=True
+        )
+    return grey.sum(dim=(1, 2, 3))
+
+
+def ink_medians() -> torch.Tensor:
+    """``(10,)`` the median ink of each digit's training images (the split of :func:`split_indices`).
+
+    An image of digit ``d`` is *bold* when its ink is above ``ink_medians()[d]``, *thin* below it.
+    """
+    images, labels = load_digits_dataset()
+    train, _ = split_indices(len(labels))
+    ink_train, labels_train = ink(images[train]), labels[train]
+    return torch.stack([ink_train[labels_train == d].median() for d in range(NUM_CLASSES)])
+
+
 def split_indices(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A fixed, reproducible train/held-out split of ``range(n)``.
 

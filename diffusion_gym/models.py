@@ -38,6 +38,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_DIR = ASSETS_DIR / "digits-ddpm"
+EMBEDDED_T2I_DIR = ASSETS_DIR / "digits-t2i"
+"""The embedded text-to-image flow model (``"embedded:digits-t2i"``, ``scripts/train_digits_t2i.py``)."""
 DEFAULT_MODEL = "embedded:digits"
 SCHEDULER_KINDS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 

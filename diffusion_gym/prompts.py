@@ -6,7 +6,8 @@ batch from the env's random generator, so a seeded env draws the same prompts ev
 * :class:`PromptList` — a fixed list, drawn uniformly with replacement (as ddpo-pytorch's prompt
   functions do). Built from an inline list, a text file (one prompt per line, blank lines and ``#``
   comments skipped) or a built-in set: ``"animals"`` (:data:`ANIMALS`, simple animal names written by
-  this project, in the spirit of ddpo-pytorch's ``simple_animals``).
+  this project, in the spirit of ddpo-pytorch's ``simple_animals``), ``"digits"`` and
+  ``"digits-heldout"`` (the embedded text-to-image model's phrasings).
 * :class:`PromptFunction` — a callable ``fn(rng) -> str`` (e.g. a template filled with random
   words); the prompts are open-ended.
 
@@ -27,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_gym.digit_prompts import HELDOUT_PROMPTS, TRAIN_PROMPTS
+
 ANIMALS = (
     "cat", "dog", "horse", "cow", "sheep", "pig", "goat", "rabbit", "hamster", "mouse",
     "fox", "wolf", "bear", "deer", "moose", "lion", "tiger", "leopard", "cheetah", "zebra",
@@ -35,8 +38,13 @@ ANIMALS = (
     "owl", "eagle", "parrot", "penguin", "duck", "swan", "flamingo", "butterfly", "bee", "crab",
 )  # fmt: skip
 """The built-in ``"animals"`` prompts: fifty common animals, one word each (written for this project)."""
-BUILTIN_PROMPTS: dict[str, tuple[str, ...]] = {"animals": ANIMALS}
-"""Built-in prompt sets by name."""
+BUILTIN_PROMPTS: dict[str, tuple[str, ...]] = {
+    "animals": ANIMALS,
+    "digits": TRAIN_PROMPTS,
+    "digits-heldout": HELDOUT_PROMPTS,
+}
+"""Built-in prompt sets by name (``digits``: the embedded text-to-image model's training phrasings,
+``digits-heldout``: its evaluation phrasings; :mod:`diffusion_gym.digit_prompts`)."""
 MAX_PROMPT_CHARS = 1000
 """The longest prompt an env takes (the single env's ``Text`` observation space has this ``max_length``)."""
 PROMPT_CHARSET = frozenset(string.printable.replace("\x0b", "").replace("\x0c", "")) | frozenset(

@@ -54,9 +54,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -162,9 +163,74 @@ class FlowSchedule(_PerStepTable):
     prediction_type: str = "flow"
     """What the network predicts: the velocity ``v = ε − x0``."""
 
+    def with_sde_steps(self, sde_steps: Tensor) -> FlowSchedule:
+        """This schedule with only the steps of the ``(K,)`` bool mask ``sde_steps`` left stochastic.
+
+        The kept steps' coefficients are this schedule's own, so a step's log-probability is the same
+        whichever window holds it; the others become ODE steps (σ = 0, no extra drift).
+        """
+        mask = torch.as_tensor(sde_steps, device=self.std.device)
+        if mask.dtype != torch.bool or mask.shape != self.std.shape:
+            raise ValueError(
+                f"sde_steps must be a ({self.num_steps},) bool mask, got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        zero = torch.zeros_like(self.std)
+        return replace(
+            self,
+            std=torch.where(mask, self.std, zero),
+            drift=torch.where(mask, self.drift, zero),
+            noise_level=torch.where(mask, self.noise_level, zero),
+        )
+
 
 Schedule = DenoisingSchedule | FlowSchedule
 """Either kind of chain: the functions of this module take both."""
+
+
+def flux_shift_mu(image_seq_len: int, config: Any) -> float:
+    """FLUX's dynamic shift ``mu``, linear in the image's token count.
+
+    ``base_shift`` at ``base_image_seq_len`` tokens, ``max_shift`` at ``max_image_seq_len`` (defaults:
+    0.5 at 256, 1.15 at 4096).
+    """
+    lo_len, hi_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return lo + (hi - lo) * (image_seq_len - lo_len) / (hi_len - lo_len)
+
+
+class FluxFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
+    """A ``FlowMatchEulerDiscreteScheduler`` that sets ``FluxPipeline``'s timesteps by itself.
+
+    ``FluxPipeline`` passes its scheduler ``sigmas = linspace(1, 1/K, K)`` and the dynamic shift
+    ``mu`` of the image's packed-token count; this scheduler fills both in when a caller (e.g.
+    :func:`make_flow_schedule`) gives neither. Its config is the pipeline's scheduler config.
+
+    Build it with ``FluxFlowMatchScheduler.from_config(config)`` and set :attr:`image_seq_len`.
+    """
+
+    image_seq_len: int = 256
+    """The packed latent tokens of one image, ``(H / 16) · (W / 16)`` for FLUX.1's VAE."""
+
+    def timing(self, num_steps: int) -> dict[str, Any]:
+        """``{"sigmas": …, "mu": …}`` as ``FluxPipeline`` passes them for ``num_steps`` steps."""
+        config = self.config
+        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = flux_shift_mu(self.image_seq_len, config) if config.get("use_dynamic_shifting", False) else None
+        return {"sigmas": sigmas, "mu": mu}
+
+    def set_timesteps(  # type: ignore[override]
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ) -> None:
+        """Set the timesteps as diffusers does, with FLUX's ``sigmas`` and ``mu`` when none are given."""
+        if sigmas is None and timesteps is None and num_inference_steps is not None:
+            timing = self.timing(num_inference_steps)
+            sigmas, mu = timing["sigmas"], timing["mu"] if mu is None else mu
+        super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
 
 
 def make_flow_schedule(
@@ -179,7 +245,8 @@ def make_flow_schedule(
     """Build the :class:`FlowSchedule` of a ``FlowMatchEulerDiscreteScheduler`` with ``num_steps`` steps.
 
     The scheduler is not modified: a fresh copy from its config runs ``set_timesteps(num_steps,
-    mu=mu)``, so its shift (SD3's 3.0) or dynamic shifting (FLUX, which needs ``mu``) applies.
+    mu=mu)``, so its shift (SD3's 3.0) or dynamic shifting (FLUX, which needs ``mu``) applies; a
+    :class:`FluxFlowMatchScheduler` gives ``FluxPipeline``'s sigmas and ``mu`` itself.
 
     Args:
         scheduler: a ``FlowMatchEulerDiscreteScheduler``.
@@ -205,6 +272,8 @@ def make_flow_schedule(
     ok = isinstance(noise_level, int | float) and not isinstance(noise_level, bool)
     if not ok or not math.isfinite(noise_level) or noise_level < 0:
         raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
+    timing = scheduler.timing(num_steps) if isinstance(scheduler, FluxFlowMatchScheduler) else {"sigmas": None}
+    mu = timing.get("mu") if mu is None else mu
     if scheduler.config.get("use_dynamic_shifting", False) and mu is None:
         raise ValueError(
             "this scheduler shifts its sigmas dynamically (FLUX): pass mu (from the image sequence length)"
@@ -213,7 +282,7 @@ def make_flow_schedule(
     if mask.dtype != torch.bool or mask.shape != (num_steps,):
         raise ValueError(f"sde_steps must be a ({num_steps},) bool mask, got {mask.dtype} of shape {tuple(mask.shape)}")
     fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-    fresh.set_timesteps(num_steps, mu=mu)
+    fresh.set_timesteps(num_steps, sigmas=timing["sigmas"], mu=mu)
     sigmas = fresh.sigmas.to(torch.float64).cpu()
     t, t_next = sigmas[:-1], sigmas[1:]
     dt = t_next - t

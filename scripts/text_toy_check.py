@@ -36,7 +36,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "envs_configs" / "sd-tiny_prompt_
 
 def _policy(config: Config, core: DenoiseCore, lora: dict[str, torch.Tensor] | None) -> DiffusionPolicy:
     """The base model, or the base model with the run's LoRA adapters, on the run's evaluation chain."""
-    family = load_family(config.model, scheduler=config.sample.scheduler, device=config.device)
+    s = config.sample
+    family = load_family(config.model, scheduler=s.scheduler, device=config.device, resolution=s.resolution)
     if lora is not None:
         add_lora(family.denoiser, config.train.lora_rank, config.train.lora_alpha or None)
         load_lora_state_dict(family.denoiser, lora)

@@ -1,5 +1,6 @@
-"""Stable Diffusion 3 as a flow-matching family in the env and the policy: exact against
-``StableDiffusion3Pipeline`` at noise level 0, Flow-GRPO's SDE policy above it. Tiny random components, offline."""
+"""Stable Diffusion 3 and FLUX as flow-matching families in the env and the policy: exact against
+``StableDiffusion3Pipeline`` / ``FluxPipeline`` at noise level 0, Flow-GRPO's SDE policy above it.
+Tiny random components, offline."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import diffusion_gym  # noqa: F401  (registers DiffusionDenoise-v0)
 from agents.common.policy import DiffusionPolicy
 from diffusion_gym import sampling
 from diffusion_gym.envs import DiffusionDenoiseVectorEnv
-from diffusion_gym.families import FlowTextFamily, load_family
+from diffusion_gym.families import FluxFamily, ModelFamily, load_family
+from diffusion_gym.families.flux import pack_latents, unpack_latents
 from diffusion_gym.models import MissingWeightsError
 from diffusion_gym.wrappers import PromptIdObservation
 
@@ -24,25 +26,34 @@ PROMPTS = ["a photo of a cat", "a red car", "a dog"]
 STEPS = 5
 
 
-@pytest.fixture(scope="module")
-def family() -> FlowTextFamily:
-    return load_family("random:sd3-tiny")
+FLOW_MODELS = ["random:sd3-tiny", "random:flux-tiny"]
 
 
-def _pipeline_latents(family, prompts, latents, guidance):
-    pipe = family.pipeline()
-    return pipe(
+@pytest.fixture(scope="module", params=FLOW_MODELS)
+def family(request) -> ModelFamily:
+    return load_family(request.param)
+
+
+def _run_pipeline(family, prompts, latents, guidance, output_type="latent", pipe=None):
+    """The family's diffusers pipeline from the env's ``(B, C, h, w)`` latents (FLUX's packed in and out)."""
+    flux = isinstance(family, FluxFamily)
+    pipe = pipe if pipe is not None else family.pipeline()
+    height, width = family.resolution
+    out = pipe(
         prompts,
-        latents=latents,
+        latents=pack_latents(latents) if flux else latents,
         num_inference_steps=STEPS,
         guidance_scale=guidance,
-        output_type="latent",
+        output_type=output_type,
         max_sequence_length=family.max_sequence_length,
+        height=height,
+        width=width,
     ).images
+    return unpack_latents(out, *latents.shape[-2:]) if flux and output_type == "latent" else out
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
-def test_env_and_policy_at_noise_level_zero_reproduce_the_sd3_pipeline(family, guidance):
+def test_env_and_policy_at_noise_level_zero_reproduce_the_pipeline(family, guidance):
     envs = DiffusionDenoiseVectorEnv(
         3, check_actions=False, model=family, num_steps=STEPS, eta=0.0, prompts=PROMPTS, guidance_scale=guidance
     )
@@ -56,17 +67,10 @@ def test_env_and_policy_at_noise_level_zero_reproduce_the_sd3_pipeline(family, g
         if terminated.all():
             break
     prompts = [envs.prompts[i] for i in first["c"].tolist()]
-    expected = _pipeline_latents(family, prompts, first["x_t"], guidance)
+    expected = _run_pipeline(family, prompts, first["x_t"], guidance)
     assert (info["final_obs"]["x_t"] - expected).abs().max() < 1e-5
     assert expected.abs().max() > 0.1
-    images = family.pipeline()(
-        prompts,
-        latents=first["x_t"],
-        num_inference_steps=STEPS,
-        guidance_scale=guidance,
-        output_type="pt",
-        max_sequence_length=family.max_sequence_length,
-    ).images
+    images = _run_pipeline(family, prompts, first["x_t"], guidance, output_type="pt")
     assert (family.decode(info["final_obs"]["x_t"]) - images).abs().max() < 1e-5
 
 
@@ -87,7 +91,7 @@ def test_the_sde_policy_log_prob_is_a_normal_and_the_first_ratio_is_one(family):
 
 
 @pytest.mark.parametrize("window", ["full", [(1, 3)]], ids=str)
-def test_check_env_is_clean_on_the_sd3_env(family, window):
+def test_check_env_is_clean_on_the_flow_env(family, window):
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kwargs = dict(model=family, num_steps=6, eta=0.7, prompts=PROMPTS, window=window, references=images)
     env = gym.make("DiffusionDenoise-v0", **kwargs).unwrapped
@@ -97,27 +101,30 @@ def test_check_env_is_clean_on_the_sd3_env(family, window):
     assert env.observation_space["t"].n == 1001 and obs["t"] <= 1000  # t = σ·1000, rounded; σ = 1 first
 
 
-def test_an_sd3_pipeline_folder_loads_and_a_missing_component_is_named(family, tmp_path):
-    folder = tmp_path / "sd3"
+def test_a_pipeline_folder_loads_and_a_missing_component_is_named(family, tmp_path):
+    folder = tmp_path / "pipeline"
     family.pipeline().save_pretrained(folder)
     loaded = load_family(folder)
-    assert isinstance(loaded, FlowTextFamily) and loaded.t5 is None
+    assert type(loaded) is type(family)
+    assert isinstance(loaded, FluxFamily) or loaded.t5 is None  # SD3's T5 is optional
+    loaded.max_sequence_length = family.max_sequence_length  # a pipeline argument, not saved in the folder
     cond_a, cond_b = family.encode_conditions(PROMPTS[:2]), loaded.encode_conditions(PROMPTS[:2])
-    assert torch.equal(cond_a.embeds[:, :77], cond_b.embeds[:, :77])
+    assert torch.equal(cond_a.embeds, cond_b.embeds) and torch.equal(cond_a.pooled, cond_b.pooled)
     for weights in (folder / "transformer").glob("diffusion_pytorch_model*"):
         weights.unlink()
     with pytest.raises(MissingWeightsError, match="transformer/diffusion_pytorch_model"):
         load_family(folder)
 
 
-def test_ppo_is_with_lora_trains_sd3_and_its_lora_folder_loads_in_diffusers(tmp_path):
+@pytest.mark.parametrize("model", FLOW_MODELS)
+def test_ppo_is_with_lora_trains_a_flow_model_and_its_lora_folder_loads_in_diffusers(model, tmp_path):
     from agents.common.checkpoint import latest_checkpoint, load_checkpoint
     from agents.common.policy import add_lora, load_lora_state_dict
     from agents.ppo_is import train
     from agents.ppo_is.config import load_config
 
     overrides = [
-        "model=random:sd3-tiny",
+        f"model={model}",
         "sample.eta=0.7",  # the SDE's noise level a
         "sample.num_steps=4",
         "sample.num_envs=8",
@@ -127,19 +134,16 @@ def test_ppo_is_with_lora_trains_sd3_and_its_lora_folder_loads_in_diffusers(tmp_
     result = train(load_config("envs_configs/sd-tiny_prompt_color.yaml", overrides), run_dir=tmp_path, progress=False)
     assert all(e.first_ratio_max_dev < 1e-6 and e.num_pairs == 8 * 4 for e in result.epochs)
     checkpoint = latest_checkpoint(tmp_path)
-    ours = load_family("random:sd3-tiny")
+    ours = load_family(model)
     add_lora(ours.denoiser, 8)
     load_lora_state_dict(ours.denoiser, load_checkpoint(checkpoint).extra_weights["lora"])
-    theirs = load_family("random:sd3-tiny")
+    theirs = load_family(model)
     pipe = theirs.pipeline()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe.load_lora_weights(checkpoint / "lora")
     latents = torch.randn((2, *ours.sample_shape), generator=torch.Generator().manual_seed(0))
-    expected = pipe(
-        ["red", "blue"], latents=latents, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
-        max_sequence_length=ours.max_sequence_length,
-    ).images  # fmt: skip
+    expected = _run_pipeline(ours, ["red", "blue"], latents, 5.0, pipe=pipe)
     schedule = sampling.make_schedule(ours.scheduler, STEPS, eta=0.0)
     x = sampling.denoise_chain(ours.chain_denoiser(5.0), latents, schedule, ours.encode_conditions(["red", "blue"]))
     assert (x - expected).abs().max() < 1e-4
@@ -164,8 +168,8 @@ def test_an_sde_window_stores_and_trains_only_its_steps_while_episodes_run_the_w
     epoch = result.epochs[0]
     assert epoch.num_pairs == 4 * 2 and epoch.first_ratio_max_dev < 1e-6
     envs = DiffusionDenoiseVectorEnv(2, model="random:sd3-tiny", num_steps=6, eta=0.7, sde_window=(2, 4))
-    assert (~envs.core.schedule.deterministic).nonzero().flatten().tolist() == [2, 3]
     obs, info = envs.reset(seed=0)
+    assert (~envs.core.schedule.deterministic).nonzero().flatten().tolist() == [2, 3]
     steps = 0
     while True:
         obs, _, terminated, _, info = envs.step(torch.zeros(2, 4, 8, 8))

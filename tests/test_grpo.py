@@ -20,6 +20,7 @@ from agents.common.config import ConfigError
 from agents.common.runner import evaluation_schedule
 from diffusion_gym.envs import DiffusionDenoiseVectorEnv
 from diffusion_gym.families import load_family
+from diffusion_gym.models import MissingWeightsError
 
 TOY = Path(__file__).resolve().parents[1] / "envs_configs" / "sd3-tiny_grpo_prompt_color.yaml"
 SMALL = [
@@ -103,3 +104,25 @@ def test_grpo_resume_is_bit_exact_and_the_kl_term_is_on(tmp_path):
     b = load_file(latest_checkpoint(tmp_path / "b") / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (latest_checkpoint(tmp_path / "a") / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "eval_steps", "noise", "beta"),
+    [
+        ("sd35m_grpo_jpeg_compressibility", 10, 40, 0.7, 0.04),
+        ("sd35m_grpo-fast_jpeg_compressibility", 10, 40, 0.8, 0.0),
+        ("flux_grpo_jpeg_compressibility", 6, 28, 0.9, 0.0),
+    ],
+)
+def test_flow_grpo_configs_carry_its_hyper_parameters_and_fail_offline_naming_the_weights(
+    tmp_path, monkeypatch, name, steps, eval_steps, noise, beta
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = load_run_config(TOY.parent / f"{name}.yaml", ["device=cpu"])
+    s, t = config.sample, config.train
+    assert (s.num_steps, config.eval.num_steps, s.eta, t.kl_coef) == (steps, eval_steps, noise, beta)
+    assert s.samples_per_condition == 24 and s.resolution == (512, 512) and t.lora_rank == 32
+    assert t.advantage_std == "batch" and config.eval.eta == 0.0
+    with pytest.raises(MissingWeightsError, match=f"hf download {config.model}"):
+        train(config, run_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -134,18 +134,22 @@ def test_sd_configs_fail_offline_naming_the_weights(tmp_path, name):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_vard_and_drift_run_on_the_text_env(tmp_path):
+TEXT_MODELS = ["random:sd-tiny", "random:sd3-tiny", "random:flux-tiny"]
+
+
+@pytest.mark.parametrize("model", TEXT_MODELS)
+def test_vard_and_drift_run_on_the_text_env(tmp_path, model):
     from agents.algorithms import load_run_config
     from agents.algorithms import train as train_any
 
-    drift = [*SMALL, "num_epochs=1", "drift.condition_noise=0.5", "drift.subset_fraction=0.75"]
+    drift = [*SMALL, f"model={model}", "num_epochs=1", "drift.condition_noise=0.5", "drift.subset_fraction=0.75"]
     result = train(load_config(TOY, [*drift, "drift.diversity_coef=0.1"]), run_dir=tmp_path / "drift", progress=False)
     assert len(result.epochs) == 1 and math.isfinite(result.epochs[0].loss)
     vard = load_run_config(
         None,
         [
             "algo=vard",
-            "model=random:sd-tiny",
+            f"model={model}",
             "env.reward=prompt_brightness",
             "env.prompts=[a bright cat, a dark cat]",
             *SMALL,
@@ -156,33 +160,34 @@ def test_vard_and_drift_run_on_the_text_env(tmp_path):
     assert len(result.epochs) == 1
 
 
-def test_sb3_ppo_and_the_minimal_example_run_an_update_on_the_text_env():
+@pytest.mark.parametrize("model", TEXT_MODELS)
+def test_sb3_ppo_and_the_minimal_example_run_an_update_on_the_text_env(model):
     from stable_baselines3 import PPO
 
     from agents.sb3 import DiffusionActorCriticPolicy, DiffusionVecEnv
 
     venv = DiffusionVecEnv(
         num_envs=4,
-        model="random:sd-tiny",
+        model=model,
         num_steps=3,
         prompts=["a bright cat", "a dark cat"],
         reward="prompt_brightness",
     )
-    model = PPO(
+    agent = PPO(
         DiffusionActorCriticPolicy, venv, n_steps=3, batch_size=6, n_epochs=1, policy_kwargs=venv.policy_kwargs()
     )
-    before = {k: v.clone() for k, v in model.policy.actor.unet.state_dict().items()}
-    model.learn(total_timesteps=12)
-    after = model.policy.actor.unet.state_dict()
+    before = {k: v.clone() for k, v in agent.policy.actor.unet.state_dict().items()}
+    agent.learn(total_timesteps=12)
+    after = agent.policy.actor.unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    images = model.policy.generate_images(2, seed=0)
+    images = agent.policy.generate_images(2, seed=0)
     assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
 
     from examples.reinforce_minimal import Args, main
 
     result = main(
         Args(
-            model="random:sd-tiny",
+            model=model,
             guidance_scale=5.0,
             reward="jpeg_compressibility",
             num_steps=6,

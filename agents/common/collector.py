@@ -72,6 +72,7 @@ def make_env(
         num_steps=s.num_steps,
         eta=s.eta,
         sde_window=s.sde_window,
+        sde_window_kwargs=s.sde_window_kwargs,
         references=e.references,
         denoiser=policy.denoiser(),
         samples_per_reference=s.samples_per_reference,
@@ -173,7 +174,6 @@ class Collector:
         noise on (DRIFT), each episode draws one direction at the start of its batch.
         """
         core, policy = self.core, self.policy
-        deterministic = policy.schedule.deterministic.cpu().numpy()  # host copy: no device sync per step
         draw_noise = policy_noise_sampler(core, self.generator, self.noise)
         rollout = Rollout(self.layout, core.device, self.dist)
         for _ in range(num_batches):
@@ -184,10 +184,11 @@ class Collector:
             traj = rollout.start_batch(core.c.clone(), core.group.clone(), core.k0.clone(), cond_noise)
             for observer in self.observers:
                 observer.start_batch(core.group, core.c)
-            step = None
+            step, schedule = None, core.schedule  # the batch's chain: its SDE window's steps are the stochastic ones
+            deterministic = schedule.deterministic.cpu().numpy()  # host copy: no device sync per step
             while int(core.k_host[0]) < core.num_steps:  # a shared start: the batch ends together
                 x, k, c, k_host = core.x.clone(), core.k.clone(), core.c.clone(), int(core.k_host[0])
-                step = policy.act(x, k, c, noise=draw_noise(), cond_noise=cond_noise)
+                step = policy.act(x, k, c, noise=draw_noise(), cond_noise=cond_noise, schedule=schedule)
                 if not deterministic[k_host]:
                     rollout.add(x, step.x_prev, k, c, step.log_prob, traj)
                     for observer in self.observers:

@@ -90,8 +90,16 @@ class SampleConfig(Section):
     guidance_scale: float | None = Field(
         None, ge=0, description="classifier-free guidance of text models (default: the model's; pixel models: 1)"
     )
-    sde_window: tuple[int, int] | None = Field(
-        None, description="flow models: the step indices [a, b) that are SDE steps (Flow-GRPO-Fast); null: all"
+    sde_window: tuple[int, int] | Literal["random", "sliding"] | None = Field(
+        None,
+        description="flow models: the SDE steps of each batch, counted from its start step: [a, b) (Flow-GRPO-Fast), "
+        "random (Flow-GRPO-Fast's random window), sliding (MixGRPO); null: every step",
+    )
+    resolution: tuple[int, int] | None = Field(
+        None, description="text-to-image models: (height, width) of the images (null: the model's; Flow-GRPO: 512)"
+    )
+    sde_window_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="random: size, low, high; sliding: size, stride, every, low, high"
     )
 
 

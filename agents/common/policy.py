@@ -210,8 +210,9 @@ class DiffusionPolicy(nn.Module):
 
     def condition_noise_dim(self) -> int:
         """Width of what DRIFT's condition noise perturbs: the prompt embeddings' or the class embedding's."""
-        if self.family.text_conditioned:
-            return int(self.unet.config.cross_attention_dim)
+        if self.family.text_conditioned:  # a UNet's cross-attention width; a flow transformer's joint width
+            config = self.unet.config
+            return int(config.get("cross_attention_dim") or config["joint_attention_dim"])
         embedding = self.unet.class_embedding
         dim = getattr(embedding, "embedding_dim", None)
         return int(dim) if dim is not None else int(self.unet.config.block_out_channels[0] * 4)
@@ -271,10 +272,16 @@ class DiffusionPolicy(nn.Module):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         cond_noise: Tensor | None = None,
+        schedule: sampling.Schedule | None = None,
     ) -> StepOutput:
-        """Sample ``x_{t-1}`` and its log-prob (no gradient)."""
+        """Sample ``x_{t-1}`` and its log-prob (no gradient).
+
+        ``schedule``: the chain of this batch when it differs from the policy's in which steps are
+        stochastic (a flow env's SDE window, ``env.core.schedule``); default: the policy's.
+        """
         out = self.model_output(x, k, c, cond_noise)
-        return sampling.denoise_step(out, x, k, self.schedule, generator=generator, noise=noise)
+        chain = self.schedule if schedule is None else schedule
+        return sampling.denoise_step(out, x, k, chain, generator=generator, noise=noise)
 
     def evaluate(
         self, x: Tensor, k: StepIndex, c: Tensor | None, x_prev: Tensor, cond_noise: Tensor | None = None

@@ -157,8 +157,9 @@ class RunContext:
     conditions: ConditionSet
     """What the env's condition ids mean (class ids, or the prompts of ``env.prompts``): shared by the
     policy and the env."""
-    schedule: sampling.DenoisingSchedule
-    """The ``sample.num_steps``-step sampling schedule at ``sample.eta``."""
+    schedule: sampling.Schedule
+    """The ``sample.num_steps``-step sampling schedule at ``sample.eta``, every step stochastic (a flow
+    env's SDE window picks each batch's stochastic steps: ``envs.core.schedule``)."""
     dist: Distributed
     """This process's place in the job and the collectives (no-ops in one process)."""
     generator: torch.Generator
@@ -459,10 +460,10 @@ class OnPolicyRunner:
         if device != config.device:  # under torchrun each process drives cuda:<LOCAL_RANK>
             config = config.model_copy(update={"device": device})
         seed_everything(config.seed)
-        family = load_family(config.model, scheduler=config.sample.scheduler, device=config.device)
-        conditions = make_conditions(family, config.env.prompts, config.env.negative_prompt)
         s = config.sample
-        schedule = sampling.make_schedule(family.scheduler, s.num_steps, s.eta, config.device, s.sde_window)
+        family = load_family(config.model, scheduler=s.scheduler, device=config.device, resolution=s.resolution)
+        conditions = make_conditions(family, config.env.prompts, config.env.negative_prompt)
+        schedule = sampling.make_schedule(family.scheduler, s.num_steps, s.eta, config.device)  # every step SDE
         generator = torch.Generator().manual_seed(config.seed)
         progress = Progress(self.algorithm_class.name.upper(), enabled=self.progress and dist.is_main)
         context = RunContext(config, family, conditions, schedule, dist, generator, progress.phase)

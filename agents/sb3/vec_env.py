@@ -172,7 +172,7 @@ class DiffusionVecEnv(VecEnv):
             "model": core.model_spec,
             "num_steps": core.num_steps,
             "eta": core.eta,
-            "scheduler": core.schedule.kind,
+            "scheduler": core.scheduler_kind,
         }
         prompts = self.env.prompts
         if prompts is not None:

@@ -58,6 +58,11 @@ class VardConfig(RunConfig):
     def _whole_batches(self) -> VardConfig:
         if self.sample.start_mode != "shared":
             raise ValueError("sample.start_mode: VARD collects whole batches: use 'shared'")
+        if self.sample.sde_window is not None:
+            raise ValueError(
+                "sample.sde_window: VARD follows the value's gradient through every step of the chain; SDE windows "
+                "are for the clipped-ratio trainers (algo ppo-is or grpo): use null"
+            )
         return self
 
 

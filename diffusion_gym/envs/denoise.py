@@ -18,6 +18,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from diffusers import ModelMixin
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
@@ -30,6 +31,7 @@ from ..families.base import check_guidance_scale
 from ..models import DEFAULT_MODEL, LoadedModel, is_embedded_digits
 from ..references import ReferenceSource, make_references
 from ..rewards import RewardFn, make_reward
+from ..sde_windows import SdeWindow, make_sde_window
 from ..windows import ProbeResult, WindowStrategy, make_window
 
 PIXEL_BOUND = 10.0
@@ -195,7 +197,8 @@ class DenoiseCore:
         negative_prompt: str | None = None,
         guidance_scale: float | None = None,
         conditions: ConditionSet | None = None,
-        sde_window: tuple[int, int] | None = None,
+        sde_window: Sequence[int] | str | SdeWindow | None = None,
+        sde_window_kwargs: dict[str, Any] | None = None,
         samples_per_condition: int = 1,
     ) -> None:
         _check_core_args(
@@ -222,6 +225,7 @@ class DenoiseCore:
         self.model_spec = model if isinstance(model, str) else f"<{type(model).__name__}>"
         self.unet = self.family.denoiser
         self.scheduler = self.family.scheduler
+        self.scheduler_kind = scheduler  # the argument (flow models ignore it: their scheduler is fixed)
         self.sample_shape: tuple[int, ...] = tuple(self.family.sample_shape)
         if conditions is None:
             conditions = make_conditions(self.family, prompts, negative_prompt)
@@ -232,9 +236,13 @@ class DenoiseCore:
         self.guidance_scale = (
             self.family.default_guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)
         )
-        self.schedule = sampling.make_schedule(self.scheduler, num_steps, eta, self.device, sde_window)
-        self.probe_schedule = sampling.make_schedule(self.scheduler, num_steps, eta=0.0, device=self.device)
         self.num_steps = num_steps
+        self.schedule = sampling.make_schedule(self.scheduler, num_steps, eta, self.device)
+        self.sde_schedule = self.schedule
+        """The chain with every step stochastic; :attr:`schedule` is the current batch's (its SDE window)."""
+        self.sde_window = self._sde_window(sde_window, sde_window_kwargs or {}, start_mode)
+        self.sde_steps: tuple[int, int] | None = None
+        self.probe_schedule = sampling.make_schedule(self.scheduler, num_steps, eta=0.0, device=self.device)
         self.eta = eta
 
         self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", "custom")
@@ -258,6 +266,29 @@ class DenoiseCore:
         self.started = False
         self._next_group = 0
         self._episodes_since_batch = 0
+
+    def _sde_window(self, spec: Any, kwargs: dict[str, Any], start_mode: str) -> SdeWindow | None:
+        """The SDE window of a flow chain (``None``: every step is stochastic)."""
+        window = make_sde_window(spec, **kwargs)
+        if window is None:
+            return None
+        if not isinstance(self.schedule, sampling.FlowSchedule):
+            raise ValueError(
+                f"sde_window applies to flow-matching schedulers (SD3, FLUX); this {type(self.scheduler).__name__} "
+                "chain takes None"
+            )
+        if start_mode != "shared":
+            raise ValueError("an sde_window needs start_mode='shared': the window counts from the batch's start step")
+        window.bind(self.num_steps)
+        return window
+
+    def _set_sde_steps(self, a: int, b: int) -> None:
+        """Make the steps ``[a, b)`` (cut at the chain's end) the current batch's only SDE steps."""
+        a, b = min(a, self.num_steps), min(b, self.num_steps)
+        mask = torch.zeros(self.num_steps, dtype=torch.bool)
+        mask[a:b] = True
+        self.schedule = self.sde_schedule.with_sde_steps(mask)  # type: ignore[union-attr]
+        self.sde_steps = (a, b)
 
     def _references(self, spec: str | Tensor | ReferenceSource | None) -> ReferenceSource:
         """The reference source of ``spec`` (default: the embedded digits, or the current model's samples)."""
@@ -285,7 +316,7 @@ class DenoiseCore:
         """
         if denoiser is None:
             denoiser = self.unet
-        if isinstance(denoiser, torch.nn.Module) and hasattr(getattr(denoiser, "config", None), "sample_size"):
+        if isinstance(denoiser, ModelMixin):  # a diffusers network (UNet, transformer): call it as the family does
             denoiser = self.family.chain_denoiser(self.guidance_scale, network=denoiser)
         if not callable(denoiser):
             raise TypeError(f"denoiser must be a UNet module or a callable (x, t, c) -> output, got {denoiser!r}")
@@ -420,6 +451,9 @@ class DenoiseCore:
         self.k[t_idx], self.k0[t_idx], self.c[t_idx], self.group[t_idx] = k0, k0, c.long(), group
         self.k_host[idx] = steps
         self.started = True
+        if self.sde_window is not None:  # the batch's SDE steps, counted from its (shared) start step
+            a, b = self.sde_window.next_window(rng)
+            self._set_sde_steps(int(steps[0]) + a, int(steps[0]) + b)
 
     def _groups(self, n: int, size: int) -> tuple[Tensor, Tensor, int]:
         """Split ``n`` episodes into consecutive groups of ``size``.
@@ -505,6 +539,8 @@ class DenoiseCore:
     def restart(self) -> None:
         """Forget the episode history (window schedule, group ids): what a seeded reset does."""
         self.window.restart()
+        if self.sde_window is not None:
+            self.sde_window.restart()
         self._next_group = 0
         self._episodes_since_batch = 0
 
@@ -521,6 +557,8 @@ class DenoiseCore:
             k_host = self.shard.all_gather(k_host.to(self.device))
         return {
             "window": self.window.state_dict(),
+            "sde_window": self.sde_window.state_dict() if self.sde_window is not None else None,
+            "sde_steps": self.sde_steps,
             "conditions": self.conditions.state_dict(),
             "next_group": self._next_group,
             "episodes_since_batch": self._episodes_since_batch,
@@ -540,6 +578,10 @@ class DenoiseCore:
                     "(num_envs or model changed?)"
                 )
         self.window.load_state_dict(state["window"])
+        if self.sde_window is not None and state.get("sde_window") is not None:
+            self.sde_window.load_state_dict(state["sde_window"])
+        if self.sde_window is not None and state.get("sde_steps") is not None:
+            self._set_sde_steps(*state["sde_steps"])
         self.conditions.load_state_dict(state.get("conditions", {}))
         self._next_group = int(state["next_group"])
         self._episodes_since_batch = int(state["episodes_since_batch"])
@@ -597,9 +639,14 @@ _ENV_DOC_ARGS = """
             policy uses its own, which the agents keep equal.
         conditions: (:class:`DenoiseCore` only) a built :class:`~diffusion_gym.conditions.ConditionSet`
             shared with the agent's policy (instead of ``prompts``/``negative_prompt``).
-        sde_window: flow-matching models (SD3) only: the step indices ``[a, b)`` whose steps are
-            stochastic SDE steps (Flow-GRPO-Fast); the others are deterministic ODE steps (not actions
-            an agent trains on). ``None``: every step is an SDE step with noise level ``eta``.
+        sde_window: flow-matching models (SD3, FLUX) only: which steps are stochastic SDE steps, chosen
+            per batch and counted from the batch's start step (:mod:`diffusion_gym.sde_windows`):
+            ``(a, b)`` (Flow-GRPO-Fast), ``"random"`` (Flow-GRPO-Fast's random window), ``"sliding"``
+            (MixGRPO) or an ``SdeWindow``; the other steps are deterministic ODE steps (not actions an
+            agent trains on). ``core.schedule`` is the current batch's chain. ``None``: every step is
+            an SDE step with noise level ``eta``.
+        sde_window_kwargs: options of a named SDE window (``size``, ``low``, ``high``; sliding:
+            ``stride``, ``every``).
 """
 
 

@@ -8,6 +8,8 @@ family             models
                    text encoder(s) (:class:`LatentTextFamily`)
 ``flow-text``      Stable Diffusion 3 / 3.5: ``SD3Transformer2DModel`` + ``AutoencoderKL`` + two CLIP
                    encoders (+ optional T5), a flow-matching scheduler (:class:`FlowTextFamily`)
+``flux``           FLUX.1: ``FluxTransformer2DModel`` over packed latents + ``AutoencoderKL`` + CLIP (pooled)
+                   and T5 encoders, a guidance embedding, FLUX's shifted flow schedule (:class:`FluxFamily`)
 =================  ==============================================================================
 
 :func:`load_family` turns a model spec into its family; :class:`ModelFamily` is the interface and
@@ -18,8 +20,17 @@ schedule)`` with ``schedule = sampling.make_schedule(family.scheduler, K, eta)``
 
 from diffusion_gym.families.base import Conditioning, ModelFamily
 from diffusion_gym.families.flow_text import FlowTextFamily
+from diffusion_gym.families.flux import FluxFamily
 from diffusion_gym.families.latent_text import LatentTextFamily
 from diffusion_gym.families.loading import load_family
 from diffusion_gym.families.pixel import PixelFamily
 
-__all__ = ["Conditioning", "FlowTextFamily", "LatentTextFamily", "ModelFamily", "PixelFamily", "load_family"]
+__all__ = [
+    "Conditioning",
+    "FlowTextFamily",
+    "FluxFamily",
+    "LatentTextFamily",
+    "ModelFamily",
+    "PixelFamily",
+    "load_family",
+]

@@ -69,8 +69,9 @@ class FlowTextFamily(VaeLatents, ModelFamily):
         tokenizers: their CLIP tokenizers.
         scheduler: a ``FlowMatchEulerDiscreteScheduler``.
         t5: the T5 encoder and its tokenizer, or ``None`` (zero T5 embeddings, as the pipeline without it).
-        max_sequence_length: T5 tokens (the pipeline's default 256).
+        max_sequence_length: T5 tokens (the pipeline's default 256; zero embeddings without a T5 encoder).
         resolution: ``(height, width)`` (default: the transformer's sample size times the VAE's scale factor).
+        default_guidance_scale: the guidance scale when none is given (SD3's pipeline: 7.0).
 
     Raises:
         ValueError: for mismatched components or a resolution the VAE and patches cannot produce.
@@ -90,6 +91,7 @@ class FlowTextFamily(VaeLatents, ModelFamily):
         t5: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
         max_sequence_length: int = 256,
         resolution: tuple[int, int] | None = None,
+        default_guidance_scale: float = SD3_DEFAULT_GUIDANCE,
     ) -> None:
         if len(text_encoders) != 2 or len(tokenizers) != 2:
             raise ValueError(
@@ -104,6 +106,7 @@ class FlowTextFamily(VaeLatents, ModelFamily):
         self.t5 = None if t5 is None else (t5[0].requires_grad_(False).eval(), t5[1])
         self.scheduler = scheduler
         self.max_sequence_length = int(max_sequence_length)
+        self._default_guidance = check_guidance_scale(default_guidance_scale)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         config = transformer.config
         multiple = self.vae_scale_factor * int(config.patch_size)
@@ -125,8 +128,8 @@ class FlowTextFamily(VaeLatents, ModelFamily):
 
     @property
     def default_guidance_scale(self) -> float:
-        """7.0, ``StableDiffusion3Pipeline``'s default."""
-        return SD3_DEFAULT_GUIDANCE
+        """The constructor's (7.0 by default, ``StableDiffusion3Pipeline``'s)."""
+        return self._default_guidance
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:

@@ -7,11 +7,14 @@ spec                                        family
 ``"random:celebahq-256"``
 ``"random:sd-tiny"``, ``"random:sdxl-tiny"``  latent-text, tiny random components
                                             (:mod:`diffusion_gym.families.tiny`)
+``"embedded:digits-t2i"``                   flow-text (SD3-shaped), the shipped text-to-image digits model
 ``"random:sd3-tiny"``                       flow-text (SD3), tiny random components
+``"random:flux-tiny"``                      flux (FLUX.1-dev), tiny random components
 a local diffusers folder                    latent-text when its ``model_index.json`` names
                                             ``StableDiffusionPipeline`` or
                                             ``StableDiffusionXLPipeline``; flow-text for
-                                            ``StableDiffusion3Pipeline``; pixel for a
+                                            ``StableDiffusion3Pipeline``; flux for
+                                            ``FluxPipeline``; pixel for a
                                             ``UNet2DModel`` pipeline or UNet folder
 a hub id ``"owner/name"``                   the same, from the Hugging Face cache first
 ==========================================  ==================================================
@@ -37,12 +40,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusion_gym.extras import require
 from diffusion_gym.families.base import ModelFamily, place
 from diffusion_gym.families.flow_text import FlowTextFamily
+from diffusion_gym.families.flux import FluxFamily
 from diffusion_gym.families.latent_text import LatentTextFamily
 from diffusion_gym.families.pixel import PixelFamily
 from diffusion_gym.families.tiny import TINY_MODELS, build_tiny_family
 from diffusion_gym.models import (
     ARCHITECTURES,
     DEFAULT_MODEL,
+    EMBEDDED_T2I_DIR,
     SCHEDULER_KINDS,
     MissingWeightsError,
     downloads_allowed,
@@ -51,14 +56,19 @@ from diffusion_gym.models import (
 
 LATENT_TEXT_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 """``model_index.json`` class names of the latent-text family, and their variant."""
-FLOW_TEXT_PIPELINES = {"StableDiffusion3Pipeline": "sd3"}
-"""``model_index.json`` class names of the flow text-to-image family."""
+FLOW_TEXT_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+"""``model_index.json`` class names of the flow text-to-image families (SD3's and FLUX's)."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 """The form of a hub id, ``owner/name``."""
 _WEIGHTS = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "text_encoder": ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"),
+    "transformer": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.safetensors.index.json",
+    ),
 }
 
 
@@ -67,6 +77,7 @@ def valid_specs() -> list[str]:
     randoms = [f"random:{name}" for name in (*sorted(ARCHITECTURES), *TINY_MODELS)]
     return [
         "embedded:digits",
+        EMBEDDED_T2I_SPEC,
         *randoms,
         "a local diffusers folder (model_index.json, or a UNet2DModel folder)",
         "a hub id 'owner/name' in the Hugging Face cache",
@@ -74,22 +85,24 @@ def valid_specs() -> list[str]:
 
 
 def _required_files(variant: str) -> dict[str, list[tuple[str, ...]]]:
-    """Per component folder: groups of file names of which one must exist (SD3's T5 is optional)."""
-    denoiser = "transformer" if variant == "sd3" else "unet"
+    """Per component folder: groups of file names of which one must exist (SD3's T5 is optional, FLUX's not)."""
+    denoiser = "transformer" if variant in ("sd3", "flux") else "unet"
     needed: dict[str, list[tuple[str, ...]]] = {
-        denoiser: [("config.json",), _WEIGHTS["unet"]],
+        denoiser: [("config.json",), _WEIGHTS[denoiser]],
         "vae": [("config.json",), _WEIGHTS["vae"]],
         "scheduler": [("scheduler_config.json",)],
     }
-    suffixes = ["", "_2"] if variant in ("sdxl", "sd3") else [""]
+    suffixes = ["", "_2"] if variant in ("sdxl", "sd3", "flux") else [""]
     for suffix in suffixes:
         needed[f"text_encoder{suffix}"] = [("config.json",), _WEIGHTS["text_encoder"]]
         needed[f"tokenizer{suffix}"] = [("tokenizer.json", "vocab.json")]
+    if variant == "flux":  # T5's tokenizer: a sentencepiece model or a tokenizer.json
+        needed["tokenizer_2"] = [("tokenizer.json", "spiece.model")]
     return needed
 
 
 def missing_files(folder: Path, variant: str) -> list[str]:
-    """The files a text-to-image pipeline folder (``"sd"``, ``"sdxl"``, ``"sd3"``) lacks (``a|b``: either will do)."""
+    """The files a pipeline folder (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``) lacks (``a|b``: either will do)."""
     missing = []
     for component, groups in _required_files(variant).items():
         for names in groups:
@@ -185,6 +198,7 @@ def load_latent_text_dir(
     scheduler: str = "ddim",
     scheduler_overrides: dict[str, Any] | None = None,
     source: str | None = None,
+    resolution: tuple[int, int] | None = None,
 ) -> LatentTextFamily:
     """A :class:`LatentTextFamily` from a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` folder.
 
@@ -198,6 +212,7 @@ def load_latent_text_dir(
         scheduler: ``"ddim"`` (default) or ``"ddpm"``, built from ``scheduler/scheduler_config.json``.
         scheduler_overrides: scheduler config keys to override.
         source: what the folder is, for messages (default: the folder).
+        resolution: ``(height, width)`` of the images (default: the model's).
 
     Raises:
         MissingWeightsError: when a component's files are missing (named in the message).
@@ -231,6 +246,7 @@ def load_latent_text_dir(
         tokenizers,
         _latent_scheduler(folder, scheduler, scheduler_overrides),
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", variant == "sdxl")),
+        resolution=resolution,
     )
 
 
@@ -242,6 +258,9 @@ def load_flow_text_dir(
     scheduler: str = "ddim",
     scheduler_overrides: dict[str, Any] | None = None,
     source: str | None = None,
+    resolution: tuple[int, int] | None = None,
+    max_sequence_length: int = 256,
+    default_guidance_scale: float | None = None,
 ) -> FlowTextFamily:
     """A :class:`FlowTextFamily` from a ``StableDiffusion3Pipeline`` folder (``text_encoder_3``/T5 optional).
 
@@ -253,6 +272,9 @@ def load_flow_text_dir(
             every folder loads with the same options.
         scheduler_overrides: scheduler config keys to override.
         source: what the folder is, for messages.
+        resolution: ``(height, width)`` of the images (default: the model's).
+        max_sequence_length: T5 tokens of the conditioning (the pipeline's argument; default 256).
+        default_guidance_scale: the guidance scale when none is given (default: SD3's 7.0).
 
     Raises:
         MissingWeightsError: when a component's files are missing (named in the message).
@@ -277,26 +299,125 @@ def load_flow_text_dir(
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     flow_scheduler = FlowMatchEulerDiscreteScheduler.from_config({**config, **(scheduler_overrides or {})})
     return FlowTextFamily(
-        transformer.to(device), place(vae, device, dtype), encoders, tokenizers, flow_scheduler, t5=t5
+        transformer.to(device), place(vae, device, dtype), encoders, tokenizers, flow_scheduler, t5=t5,
+        resolution=resolution, max_sequence_length=max_sequence_length,
+        **({} if default_guidance_scale is None else {"default_guidance_scale": default_guidance_scale}),
+    )  # fmt: skip
+
+
+def load_flux_dir(
+    folder: Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler: str = "ddim",
+    scheduler_overrides: dict[str, Any] | None = None,
+    source: str | None = None,
+    resolution: tuple[int, int] | None = None,
+) -> FluxFamily:
+    """A :class:`FluxFamily` from a ``FluxPipeline`` folder (FLUX.1-dev, FLUX.1-schnell).
+
+    Args:
+        folder: the pipeline folder.
+        device: where to put the components.
+        dtype: their parameter dtype.
+        scheduler: ignored (FLUX uses its ``FlowMatchEulerDiscreteScheduler``); accepted so that every
+            folder loads with the same options.
+        scheduler_overrides: scheduler config keys to override.
+        source: what the folder is, for messages.
+        resolution: ``(height, width)`` of the images (default: the model's).
+
+    Raises:
+        MissingWeightsError: when a component's files are missing (named in the message).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    check_complete(folder, "flux", "FluxPipeline", source)
+    transformers = require("transformers", "text", "flow text-to-image families (FLUX)")
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    clip = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype).to(device)
+    t5 = transformers.T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtype).to(device)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return FluxFamily(
+        transformer.to(device),
+        place(vae, device, dtype),
+        (clip, transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")),
+        (t5, transformers.AutoTokenizer.from_pretrained(folder / "tokenizer_2")),
+        FlowMatchEulerDiscreteScheduler.from_config({**config, **(scheduler_overrides or {})}),
+        resolution=resolution,
     )
 
 
-def _load_folder(folder: Path, source: str | None, options: dict[str, Any]) -> ModelFamily:
+EMBEDDED_T2I_SPEC = "embedded:digits-t2i"
+"""The spec of the shipped text-to-image model."""
+EMBEDDED_T2I_GUIDANCE = 3.0
+"""Its default classifier-free guidance scale."""
+
+
+def load_embedded_t2i(
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler: str = "ddim",
+    scheduler_overrides: dict[str, Any] | None = None,
+    resolution: tuple[int, int] | None = None,
+) -> FlowTextFamily:
+    """The shipped text-to-image digits model (``scripts/train_digits_t2i.py``).
+
+    A ``StableDiffusion3Pipeline`` folder, read with no T5 tokens (it was trained without them) and
+    guidance 3 by default.
+
+    Raises:
+        FileNotFoundError: when the folder is missing from the installation.
+    """
+    if not (EMBEDDED_T2I_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded text-to-image model {EMBEDDED_T2I_DIR} is missing: reinstall diffusion-gym, or train it "
+            "with `python scripts/train_digits_t2i.py`"
+        )
+    return load_flow_text_dir(
+        EMBEDDED_T2I_DIR,
+        device=device,
+        dtype=dtype,
+        scheduler=scheduler,
+        scheduler_overrides=scheduler_overrides,
+        source=EMBEDDED_T2I_SPEC,
+        resolution=resolution,
+        max_sequence_length=0,
+        default_guidance_scale=EMBEDDED_T2I_GUIDANCE,
+    )
+
+
+def _load_folder(
+    folder: Path, source: str | None, options: dict[str, Any], resolution: tuple[int, int] | None
+) -> ModelFamily:
     """The family of a local diffusers folder (latent-text pipeline, else whatever ``load_model`` reads)."""
     index_path = folder / "model_index.json"
     if index_path.is_file():
         class_name = json.loads(index_path.read_text()).get("_class_name")
         if class_name in LATENT_TEXT_PIPELINES:
-            return load_latent_text_dir(folder, source=source, **options)
+            return load_latent_text_dir(folder, source=source, resolution=resolution, **options)
+        if class_name == "FluxPipeline":
+            return load_flux_dir(folder, source=source, resolution=resolution, **options)
         if class_name in FLOW_TEXT_PIPELINES:
-            return load_flow_text_dir(folder, source=source, **options)
+            return load_flow_text_dir(folder, source=source, resolution=resolution, **options)
         unet_config = folder / "unet" / "config.json"
         if unet_config.is_file() and json.loads(unet_config.read_text()).get("_class_name") != "UNet2DModel":
             raise ValueError(
                 f"unsupported pipeline {class_name!r} in {source or folder}; valid choices: "
                 f"{sorted(LATENT_TEXT_PIPELINES) + sorted(FLOW_TEXT_PIPELINES)} or a pipeline of a UNet2DModel"
             )
+    _no_resolution(resolution, source or str(folder))
     return PixelFamily.from_loaded(load_model(folder, **options))
+
+
+def _no_resolution(resolution: tuple[int, int] | None, what: str) -> None:
+    if resolution is not None:
+        raise ValueError(
+            f"resolution {tuple(resolution)} applies to text-to-image (latent) models; {what} is a pixel model "
+            "that samples at its UNet's size: use None"
+        )
 
 
 def load_family(
@@ -309,6 +430,7 @@ def load_family(
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     allow_download: bool | None = None,
+    resolution: tuple[int, int] | None = None,
 ) -> ModelFamily:
     """Load a model as its family (see the module docstring for the specs).
 
@@ -322,6 +444,8 @@ def load_family(
         cache_dir: hub ids only: the Hugging Face hub cache (default: the library's).
         allow_download: hub ids missing from the cache only: ``True`` downloads them, ``False`` never
             does, ``None`` downloads unless ``HF_HUB_OFFLINE`` is set.
+        resolution: text-to-image models only: ``(height, width)`` of the generated images (default:
+            the model's; Flow-GRPO trains SD3.5 and FLUX at 512).
 
     Raises:
         ValueError: for a spec of no known form (the message lists the valid forms), an unknown
@@ -339,15 +463,21 @@ def load_family(
         if scheduler != "ddim":
             raise ValueError(f"tiny models use a DDIM scheduler; valid choice: 'ddim', got {scheduler!r}")
         name = spec.split(":", 1)[1]
-        return build_tiny_family(name, seed=seed, device=device, dtype=dtype, scheduler_overrides=scheduler_overrides)
+        return build_tiny_family(
+            name, seed=seed, device=device, dtype=dtype, scheduler_overrides=scheduler_overrides, resolution=resolution
+        )
+    if spec == EMBEDDED_T2I_SPEC:
+        return load_embedded_t2i(resolution=resolution, **options)
     if spec.startswith(("embedded:", "random:")):
         name = spec.split(":", 1)[1]
         if spec.startswith("random:") and name not in ARCHITECTURES:
             raise ValueError(f"unknown model spec {spec!r}; valid forms: {valid_specs()}")
+        _no_resolution(resolution, spec)
         return PixelFamily.from_loaded(load_model(spec, seed=seed, **options))
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        return _load_folder(folder, None, options)
+        return _load_folder(folder, None, options, resolution)
     if HUB_ID.match(spec) and not spec.startswith("."):
-        return _load_folder(cached_snapshot(spec, cache_dir, allow_download), f"hub model {spec!r}", options)
+        snapshot = cached_snapshot(spec, cache_dir, allow_download)
+        return _load_folder(snapshot, f"hub model {spec!r}", options, resolution)
     raise ValueError(f"unknown model spec {spec!r} (not an existing folder either); valid forms: {valid_specs()}")

@@ -1,4 +1,4 @@
-"""Tiny random Stable Diffusion / SDXL models, built from configs in code: ``random:sd-tiny``, ``random:sdxl-tiny``.
+"""Tiny random text-to-image models built from configs in code: ``random:{sd,sdxl,sd3,flux}-tiny``.
 
 For tests and shape checks without any download, in the manner of diffusers' own pipeline tests: a
 two-level ``UNet2DConditionModel`` (channels 32/64, 8×8 latents), a two-level ``AutoencoderKL`` (4
@@ -7,7 +7,8 @@ tokenizer over a small byte-level BPE vocabulary that :func:`write_tiny_clip_voc
 byte is a token, so any prompt tokenizes without unknown tokens; a few merges make common prompt
 words single tokens). Weights are drawn from a seed; the scheduler is Stable Diffusion's DDIM config
 (scaled-linear betas, ``steps_offset=1``, ``set_alpha_to_one=False``) with v-prediction (see
-:data:`SD_SCHEDULER`).
+:data:`SD_SCHEDULER`). The flow models take a one-layer transformer; FLUX's T5 encoder reads a
+word-level tokenizer (:func:`word_tokenizer`) over the same words.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from diffusion_gym.extras import require
-from diffusion_gym.families.base import place
+from diffusion_gym.families.base import ModelFamily, place
 from diffusion_gym.families.flow_text import FlowTextFamily
 from diffusion_gym.families.latent_text import LatentTextFamily
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-TINY_MODELS = ("sd-tiny", "sdxl-tiny", "sd3-tiny")
+TINY_MODELS = ("sd-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny")
 """The names after ``random:``."""
 TINY_MAX_LENGTH = 77
 """Token sequence length (the CLIP text encoders' ``max_position_embeddings``)."""
@@ -103,6 +104,29 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
     with tempfile.TemporaryDirectory(prefix="diffusion-gym-tiny-clip-") as folder:
         write_tiny_clip_vocab(Path(folder))
         return transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_MAX_LENGTH)
+
+
+def word_tokenizer(words: tuple[str, ...] = TINY_WORDS, max_length: int = TINY_MAX_LENGTH) -> Any:
+    """A T5-style word-level tokenizer (``PreTrainedTokenizerFast``) over ``words``.
+
+    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then ``words`` (lower-cased; text is split at spaces
+    and punctuation); each sequence ends with ``</s>``. It saves as ``tokenizer.json``
+    (``save_pretrained``) and loads back with ``AutoTokenizer``.
+    """
+    transformers = require("transformers", "text", "text-to-image model families")
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
 
 
 def _text_encoder(tokenizer: CLIPTokenizer, projection: bool) -> Any:
@@ -195,8 +219,9 @@ def build_tiny_family(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     scheduler_overrides: dict[str, Any] | None = None,
-) -> LatentTextFamily | FlowTextFamily:
-    """A tiny random SD (``"sd-tiny"``), SDXL (``"sdxl-tiny"``) or SD3 (``"sd3-tiny"``) family (module docstring).
+    resolution: tuple[int, int] | None = None,
+) -> ModelFamily:
+    """A tiny random SD (``"sd-tiny"``), SDXL (``"sdxl-tiny"``), SD3 (``"sd3-tiny"``) or FLUX (``"flux-tiny"``) family.
 
     Args:
         name: one of :data:`TINY_MODELS`.
@@ -204,6 +229,7 @@ def build_tiny_family(
         device: where to put the components.
         dtype: their parameter dtype.
         scheduler_overrides: scheduler config keys to override (e.g. ``{"prediction_type": "v_prediction"}``).
+        resolution: ``(height, width)`` of the images (default: 16×16).
 
     Raises:
         ValueError: for an unknown name.
@@ -212,7 +238,9 @@ def build_tiny_family(
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; valid choices: {list(TINY_MODELS)}")
     if name == "sd3-tiny":
-        return _tiny_sd3(seed, device, dtype, scheduler_overrides)
+        return _tiny_sd3(seed, device, dtype, scheduler_overrides, resolution)
+    if name == "flux-tiny":
+        return _tiny_flux(seed, device, dtype, scheduler_overrides, resolution)
     sdxl = name == "sdxl-tiny"
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -229,6 +257,7 @@ def build_tiny_family(
         [tokenizer] * len(encoders),
         scheduler,
         force_zeros_for_empty_prompt=sdxl,
+        resolution=resolution,
     )
 
 
@@ -237,7 +266,11 @@ SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
 def _tiny_sd3(
-    seed: int, device: str | torch.device, dtype: torch.dtype, scheduler_overrides: dict[str, Any] | None
+    seed: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    scheduler_overrides: dict[str, Any] | None,
+    resolution: tuple[int, int] | None,
 ) -> FlowTextFamily:
     """A tiny random SD3: a one-layer transformer, two projected CLIP encoders, no T5 (zero T5 embeddings)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -255,4 +288,102 @@ def _tiny_sd3(
         [tokenizer, tokenizer],
         scheduler,
         max_sequence_length=16,
+        resolution=resolution,
+    )
+
+
+FLUX_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+"""FLUX.1's ``FlowMatchEulerDiscreteScheduler`` config (dynamic shifting by the image's token count)."""
+
+
+def _flux_parts() -> tuple[Any, AutoencoderKL]:
+    """A tiny ``FluxTransformer2DModel`` and VAE.
+
+    The transformer: one double and one single block, the guidance embedding on, over 2×2 patches of
+    4×8×8 latents; the VAE: two levels with FLUX.1's scaling and shift, no quant convolutions.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return transformer, vae
+
+
+def _t5_encoder(vocab_size: int) -> Any:
+    """A two-layer T5 encoder of width 32."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_ff=37,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.T5EncoderModel(config)
+
+
+def _tiny_flux(
+    seed: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    scheduler_overrides: dict[str, Any] | None,
+    resolution: tuple[int, int] | None,
+) -> Any:
+    """A tiny random FLUX.1-dev: 16×16 images, CLIP (pooled) and T5 encoders of width 32, 16 T5 tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusion_gym.families.flux import FluxFamily
+
+    tokenizer, t5_tokenizer = tiny_clip_tokenizer(), word_tokenizer(max_length=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, vae = _flux_parts()
+        clip = _text_encoder(tokenizer, projection=False)
+        t5 = _t5_encoder(len(t5_tokenizer))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config({**FLUX_SCHEDULER, **(scheduler_overrides or {})})
+    return FluxFamily(
+        place(transformer, device, dtype),
+        place(vae, device, dtype),
+        (place(clip, device, dtype), tokenizer),
+        (place(t5, device, dtype), t5_tokenizer),
+        scheduler,
+        max_sequence_length=16,
+        resolution=resolution or (16, 16),
     )

@@ -35,13 +35,19 @@ Registered rewards
     a prompt with a red (blue) word, mean red minus mean blue (its negative); for a prompt with a
     bright (dark) word, how far the mean brightness lies above (below) mid-grey; 0 otherwise. They
     need prompts, and show in minutes on a CPU that a policy learns per prompt.
+``prompt_match`` / ``prompt_match_smooth``
+    Prompt following of the embedded text-to-image model (:mod:`~diffusion_gym.rewards.prompt_match`):
+    1 when the image shows the prompted digit (the shipped classifier) with the prompted stroke
+    weight (ink above / below the digit's median), else 0; the smooth variant ``p(digit) ·
+    σ(±ink margin / 4)`` for training.
 
 Modules
 -------
 :mod:`~diffusion_gym.rewards.registry` (:data:`RewardFn`, :func:`register_reward`,
 :func:`make_reward`, :class:`CheckedReward`), :mod:`~diffusion_gym.rewards.host` (:func:`host_reward`,
 :func:`reward_async`), :mod:`~diffusion_gym.rewards.jpeg`, :mod:`~diffusion_gym.rewards.aesthetic`,
-:mod:`~diffusion_gym.rewards.digits` and :mod:`~diffusion_gym.rewards.prompt_toys`; the CLIP encoder
+:mod:`~diffusion_gym.rewards.digits`, :mod:`~diffusion_gym.rewards.prompt_toys` and
+:mod:`~diffusion_gym.rewards.prompt_match`; the CLIP encoder
 lives in :mod:`diffusion_gym.nets`. All
 their public names are importable from here.
 """
@@ -70,6 +76,7 @@ from diffusion_gym.rewards.jpeg import (
     jpeg_size_kb,
     set_jpeg_workers,
 )
+from diffusion_gym.rewards.prompt_match import prompt_match, prompt_match_smooth
 from diffusion_gym.rewards.prompt_toys import prompt_brightness, prompt_color
 from diffusion_gym.rewards.registry import _REGISTRY as _REGISTRY
 from diffusion_gym.rewards.registry import CheckedReward, RewardFn, available_rewards, make_reward, register_reward
@@ -97,6 +104,8 @@ __all__ = [
     "make_reward",
     "prompt_brightness",
     "prompt_color",
+    "prompt_match",
+    "prompt_match_smooth",
     "register_reward",
     "reward_async",
     "runs_on_host",
@@ -109,3 +118,5 @@ register_reward("laion_aesthetic", laion_aesthetic)
 register_reward("digit_confidence", digit_confidence)
 register_reward("prompt_brightness", prompt_brightness)
 register_reward("prompt_color", prompt_color)
+register_reward("prompt_match", prompt_match)
+register_reward("prompt_match_smooth", prompt_match_smooth)
