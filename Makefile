@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install embedded paper paper-beyond clean
+.PHONY: demo test lint install embedded embedded-t2i paper paper-beyond clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ embedded: $(STAMP)
 	$(BIN)/python scripts/train_digits_classifier.py
 	$(BIN)/python scripts/train_digits_ddpm.py
 	$(BIN)/python scripts/evaluate_embedded.py
+
+# The embedded text-to-image flow model (diffusion_gym/assets/digits-t2i/, about 9 minutes on 2 CPU cores)
+# and its prompt-following numbers (docs/results/embedded_t2i.json).
+embedded-t2i: $(STAMP)
+	$(BIN)/python scripts/train_digits_t2i.py
+	$(BIN)/python scripts/evaluate_digits_t2i.py
 
 # The paper's experiment on the embedded model: 5 methods x 2 rewards x 3 seeds, evaluation, report
 # (docs/results/paper_digits/). Target <= 60 minutes on 2 CPU cores; finished runs are skipped on re-runs.

@@ -14,7 +14,7 @@ Per variant: trained (sample, step) pairs per episode (= backward passes per sam
 per episode in the rollout (``K − k0``), seconds per epoch (rollout + update, the fastest of
 ``--repeats`` runs) and its ratio to ``full``. Run::
 
-    python benchmarks/sde_windows.py                       # random:sd3-tiny on the CPU
+    python benchmarks/sde_windows.py                       # embedded:digits-t2i on the CPU
     python benchmarks/sde_windows.py --model black-forest-labs/FLUX.1-dev --device cuda --steps 6
 
 Prints a Markdown table and writes it with the raw figures to ``--out`` (JSON).
@@ -58,6 +58,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train one variant ``--repeats`` times; its per-episode counts and fastest seconds per epoch."""
     overrides = [
         f"model={args.model}",
+        "env.reward=prompt_match_smooth",
+        "env.prompts=digits",
         f"device={args.device}",
         f"sample.num_steps={args.steps}",
         f"sample.num_envs={args.groups * args.group_size}",
@@ -99,7 +101,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     """Run every variant, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="random:sd3-tiny")
+    parser.add_argument("--model", default="embedded:digits-t2i")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10, help="K, the training chain's steps (Flow-GRPO: 10)")
     parser.add_argument("--groups", type=int, default=4, help="prompt draws per batch")

@@ -27,10 +27,12 @@ WEIGHTS = ("bold", "thin")
 """The stroke weights a prompt may ask for."""
 TRAIN_TEMPLATES = (
     "{numeral}",
+    "{word}",
     "a handwritten {word}",
     "the number {word}",
     "the digit {numeral}",
     "a {weight} {numeral}",
+    "a {weight} {word}",
     "a {weight} handwritten {word}",
     "the number {word} in {weight} strokes",
 )
@@ -83,7 +85,7 @@ def make_digit_prompts(templates: tuple[str, ...]) -> tuple[str, ...]:
 
 
 TRAIN_PROMPTS = make_digit_prompts(TRAIN_TEMPLATES)
-"""The built-in ``"digits"`` prompts: every training phrasing of every digit and weight (100)."""
+"""The built-in ``"digits"`` prompts: every training phrasing of every digit and weight (130)."""
 HELDOUT_PROMPTS = make_digit_prompts(HELDOUT_TEMPLATES)
 """The built-in ``"digits-heldout"`` prompts (80)."""
 

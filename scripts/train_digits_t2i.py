@@ -3,19 +3,19 @@
 A Stable Diffusion 3-shaped pipeline, small enough for a laptop, saved as a diffusers
 ``StableDiffusion3Pipeline`` folder in ``diffusion_gym/assets/digits-t2i/`` so the SD3 loader path serves it:
 
-1. **VAE** — a two-level ``AutoencoderKL`` (4 latent channels, 16×16 images → 8×8 latents) trained to
+1. **VAE** — a two-level ``AutoencoderKL`` (widths 16/32, 4 latent channels, 16×16 images → 8×8 latents) trained to
    reconstruct the digits; its ``scaling_factor`` and ``shift_factor`` make the latents zero-mean and
    unit-variance, as SD3's.
-2. **Text encoders** — two frozen, randomly initialised ``CLIPTextModelWithProjection`` (width 32, 16
-   positions) reading a CLIP tokenizer whose byte-level BPE vocabulary this script writes with every
-   prompt word merged into one token (:data:`diffusion_gym.digit_prompts.VOCABULARY`). Random text
-   features are enough: the transformer learns to read them, and nothing else needs them.
-3. **Transformer** — an ``SD3Transformer2DModel`` (4 joint blocks, width 64, 8×8 latent tokens) trained
+2. **Text encoders** — two two-layer ``CLIPTextModelWithProjection`` (width 32, 16 positions) reading a
+   CLIP tokenizer whose byte-level BPE vocabulary this script writes with every prompt word merged
+   into one token (:data:`diffusion_gym.digit_prompts.VOCABULARY`), trained with the transformer (with
+   frozen random encoders the model learnt the training phrasings but generalised poorly to new ones).
+3. **Transformer** — an ``SD3Transformer2DModel`` (4 joint blocks, width 64, 2×2 patches of the 8×8 latents) trained
    with the rectified-flow objective (``x_t = (1 − t)·x0 + t·ε``, velocity target ``ε − x0``, logit-normal
    ``t``), with 10% of the captions dropped to ``""`` for classifier-free guidance.
 
 **Captions and the partial prompt following.** A caption names the digit in one of the training
-phrasings (:data:`~diffusion_gym.digit_prompts.TRAIN_TEMPLATES`); 4 of the 7 phrasings also name the
+phrasings (:data:`~diffusion_gym.digit_prompts.TRAIN_TEMPLATES`); 4 of the 9 phrasings also name the
 stroke weight, ``bold`` or ``thin`` (the image's ink above or below its digit's median). In
 ``--flip`` = 45% of the weighted captions the weight word is the wrong one, so the model learns the
 digit from every caption but the weight only from a small majority: it follows digit prompts nearly
@@ -86,10 +86,11 @@ def train_vae(images: torch.Tensor, args: argparse.Namespace) -> AutoencoderKL:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32),
         latent_channels=4,
         norm_num_groups=8,
         sample_size=16,
+        mid_block_add_attention=False,
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
@@ -126,10 +127,10 @@ def captions(digits: torch.Tensor, bold: torch.Tensor, rng: np.random.Generator,
 
 
 def transformer_model() -> SD3Transformer2DModel:
-    """Four joint blocks of width 64 over 8×8×4 latents (patch 1), reading two CLIP encoders' 32 features each."""
+    """Four joint blocks of width 64 over 8×8×4 latents in 2×2 patches (16 tokens), reading two CLIP encoders."""
     return SD3Transformer2DModel(
         sample_size=8,
-        patch_size=1,
+        patch_size=2,
         in_channels=4,
         num_layers=4,
         attention_head_dim=16,
@@ -145,20 +146,21 @@ def transformer_model() -> SD3Transformer2DModel:
 def train_transformer(
     family: FlowTextFamily, x0: torch.Tensor, labels: torch.Tensor, bold: torch.Tensor, args: argparse.Namespace
 ) -> None:
-    """Rectified-flow training of ``family.denoiser`` on latents ``x0``; keeps an EMA, copied in at the end."""
+    """Rectified-flow training of ``family.denoiser`` and its text encoders on latents ``x0``.
+
+    An EMA of both is copied in at the end.
+    """
     net = family.denoiser.train().requires_grad_(True)
-    ema = copy.deepcopy(net).requires_grad_(False)
+    encoders = torch.nn.ModuleList(family.text_encoders).train().requires_grad_(True)
+    trained = torch.nn.ModuleList([net, encoders])
+    ema = copy.deepcopy(trained).requires_grad_(False)
     rng = np.random.default_rng(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    cache: dict[str, Conditioning] = {}
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=1e-4)
 
     def encode(texts: list[str]) -> Conditioning:
-        missing = sorted(set(texts) - set(cache))
-        if missing:
-            cond = family.encode_conditions(missing)
-            cache.update({text: cond[i] for i, text in enumerate(missing)})
-        return Conditioning.cat([cache[text] for text in texts])
+        embeds, pooled = family.text_features(texts)
+        return Conditioning(embeds=embeds, pooled=pooled)
 
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -173,24 +175,24 @@ def train_transformer(
         loss = F.mse_loss(v, noise - x0[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+            for p_ema, p in zip(ema.parameters(), trained.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - args.ema_decay)
         if step % 250 == 0 or step == args.steps - 1:
             print(f"  transformer step {step:5d}  loss {loss.item():.4f}  lr {lr:.2e}")
-    net.load_state_dict(ema.state_dict())
-    net.eval().requires_grad_(False)
+    trained.load_state_dict(ema.state_dict())
+    trained.eval().requires_grad_(False)
 
 
 def main() -> None:
     """Train the three parts and save the pipeline."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-3, help="weight of the KL term per latent dimension")
-    parser.add_argument("--steps", type=int, default=2000, help="transformer training steps")
+    parser.add_argument("--steps", type=int, default=3000, help="transformer training steps")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)

@@ -28,7 +28,7 @@ def test_every_prompt_reads_back_as_what_it_says():
                 for weight in ("bold", "thin") if "{weight}" in template else (None,):
                     asked = DigitPrompt(digit, weight)
                     assert parse_prompt(asked.render(template)) == asked
-    assert len(TRAIN_PROMPTS) == 100 and len(HELDOUT_PROMPTS) == 80
+    assert len(TRAIN_PROMPTS) == 130 and len(HELDOUT_PROMPTS) == 80
     assert not set(TRAIN_PROMPTS) & set(HELDOUT_PROMPTS)  # held-out phrasings are never training captions
     assert {w for p in HELDOUT_PROMPTS for w in p.split()} <= set(VOCABULARY)  # but use known words only
     assert make_prompts("digits").prompts == TRAIN_PROMPTS

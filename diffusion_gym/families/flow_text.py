@@ -134,6 +134,10 @@ class FlowTextFamily(VaeLatents, ModelFamily):
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Prompt embeddings ``(B, 77 + max_sequence_length, joint_attention_dim)`` and pooled ``(B, P)``."""
+        return self.text_features(prompts)
+
+    def text_features(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """:meth:`encode_text` with autograd on (to train the text encoders, as the embedded model's script does)."""
         pairs = [
             clip_hidden_and_pooled(tok, enc, prompts)
             for tok, enc in zip(self.tokenizers, self.text_encoders, strict=True)
