@@ -59,6 +59,19 @@ def clip_hidden_and_pooled(
     return out.hidden_states[-2], out[0]
 
 
+def save_transformer_lora(
+    pipeline_class: Any, folder: Path, lora_state: dict[str, Tensor], adapter_config: dict[str, Any]
+) -> None:
+    """Write a transformer's LoRA adapters with ``pipeline_class.save_lora_weights`` (safetensors, with its config)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pipeline_class.save_lora_weights(
+        folder,
+        transformer_lora_layers=lora_state,
+        transformer_lora_adapter_metadata=adapter_config,
+        safe_serialization=True,
+    )
+
+
 class FlowTextFamily(VaeLatents, ModelFamily):
     """Stable Diffusion 3 / 3.5 as a model family (see the module docstring).
 
@@ -225,13 +238,7 @@ class FlowTextFamily(VaeLatents, ModelFamily):
         """
         from diffusers import StableDiffusion3Pipeline
 
-        folder.mkdir(parents=True, exist_ok=True)
-        StableDiffusion3Pipeline.save_lora_weights(
-            folder,
-            transformer_lora_layers=lora_state,
-            transformer_lora_adapter_metadata=adapter_config,
-            safe_serialization=True,
-        )
+        save_transformer_lora(StableDiffusion3Pipeline, folder, lora_state, adapter_config)
 
     def pipeline(self) -> Any:
         """The diffusers ``StableDiffusion3Pipeline`` over these components (shared; a fresh scheduler)."""

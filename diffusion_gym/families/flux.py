@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_gym.families.base import Conditioning, ModelFamily, Network, batch_timesteps, check_guidance_scale
+from diffusion_gym.families.flow_text import save_transformer_lora
 from diffusion_gym.families.latent_text import as_prompts
 from diffusion_gym.families.vae import VaeLatents
 from diffusion_gym.sampling import FluxFlowMatchScheduler
@@ -211,13 +212,7 @@ class FluxFamily(VaeLatents, ModelFamily):
         """
         from diffusers import FluxPipeline
 
-        folder.mkdir(parents=True, exist_ok=True)
-        FluxPipeline.save_lora_weights(
-            folder,
-            transformer_lora_layers=lora_state,
-            transformer_lora_adapter_metadata=adapter_config,
-            safe_serialization=True,
-        )
+        save_transformer_lora(FluxPipeline, folder, lora_state, adapter_config)
 
     def pipeline(self) -> Any:
         """The diffusers ``FluxPipeline`` over these components (shared; a fresh scheduler)."""

@@ -177,8 +177,13 @@ def _unet(sdxl: bool) -> UNet2DConditionModel:
     )
 
 
-def _vae(sdxl: bool, sd3: bool = False) -> AutoencoderKL:
-    """A two-level VAE (scale factor 2) with 4 latent channels and SD's (SDXL's, SD3's) scaling (and shift)."""
+VAE_LATENT_STATS = {"sd": (0.18215, None), "sdxl": (0.13025, None), "sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+"""The real models' VAE ``(scaling_factor, shift_factor)``, which the tiny VAEs copy."""
+
+
+def _vae(kind: str, **overrides: Any) -> AutoencoderKL:
+    """A two-level VAE (scale factor 2) with 4 latent channels and the ``kind`` model's scaling (and shift)."""
+    scaling, shift = VAE_LATENT_STATS[kind]
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -188,8 +193,9 @@ def _vae(sdxl: bool, sd3: bool = False) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=16,
-        scaling_factor=1.5305 if sd3 else 0.13025 if sdxl else 0.18215,
-        shift_factor=0.0609 if sd3 else None,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        **overrides,
     )
 
 
@@ -245,7 +251,7 @@ def build_tiny_family(
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet, vae = _unet(sdxl), _vae(sdxl)
+        unet, vae = _unet(sdxl), _vae("sdxl" if sdxl else "sd")
         encoders = [_text_encoder(tokenizer, projection=False)]
         if sdxl:
             encoders.append(_text_encoder(tokenizer, projection=True))
@@ -278,7 +284,7 @@ def _tiny_sd3(
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer, vae = _sd3_transformer(), _vae(False, sd3=True)
+        transformer, vae = _sd3_transformer(), _vae("sd3")
         encoders = [_text_encoder(tokenizer, projection=True) for _ in range(2)]
     scheduler = FlowMatchEulerDiscreteScheduler.from_config({**SD3_SCHEDULER, **(scheduler_overrides or {})})
     return FlowTextFamily(
@@ -324,21 +330,7 @@ def _flux_parts() -> tuple[Any, AutoencoderKL]:
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    return transformer, vae
+    return transformer, _vae("flux", use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _t5_encoder(vocab_size: int) -> Any:
