@@ -126,3 +126,16 @@ def test_flow_grpo_configs_carry_its_hyper_parameters_and_fail_offline_naming_th
     with pytest.raises(MissingWeightsError, match=f"hf download {config.model}"):
         train(config, run_dir=tmp_path, progress=False)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_full_fine_tuning_of_a_flow_transformer_resumes_exactly(tmp_path):
+    """Without LoRA the checkpoint's network folder is the transformer itself (diffusers format), resumed as such."""
+    from diffusers import SD3Transformer2DModel
+
+    overrides = [*SMALL, "train.lora_rank=0"]
+    train(load_run_config(TOY, overrides), run_dir=tmp_path / "a", progress=False)
+    train(load_run_config(TOY, overrides), run_dir=tmp_path / "b", progress=False, stop_after=1)
+    train(load_run_config(TOY, overrides), run_dir=tmp_path / "b", resume=tmp_path / "b", progress=False)
+    a = SD3Transformer2DModel.from_pretrained(latest_checkpoint(tmp_path / "a") / "unet").state_dict()
+    b = SD3Transformer2DModel.from_pretrained(latest_checkpoint(tmp_path / "b") / "unet").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

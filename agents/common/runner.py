@@ -240,10 +240,9 @@ class Algorithm(ABC):
         return {}
 
     def load_policy_weights(self, checkpoint: Checkpoint) -> None:
-        """Load the checkpoint's UNet into :attr:`policy`."""
-        from diffusers import UNet2DModel
-
-        self.policy.unet.load_state_dict(UNet2DModel.from_pretrained(checkpoint.unet_dir).state_dict())
+        """Load the checkpoint's network (saved in diffusers format, whatever its class) into :attr:`policy`."""
+        saved = type(self.policy.unet).from_pretrained(checkpoint.unet_dir)
+        self.policy.unet.load_state_dict(saved.state_dict())
 
     def check_consistent(self, epoch: int) -> None:  # noqa: B027 - a hook with nothing to do by default
         """Before a checkpoint: raise if the processes disagree (collective; nothing to do in one process)."""
