@@ -26,7 +26,7 @@ from diffusion_gym import metrics, sampling
 from diffusion_gym.families.base import ModelFamily
 from diffusion_gym.rewards.prompt_match import _Scorer
 
-__all__ = ["data_ink_margins", "evaluate_prompt_following", "sample_prompts"]
+__all__ = ["data_ink_margins", "evaluate_prompt_following", "prompt_following_metrics", "sample_prompts"]
 
 
 @torch.no_grad()
@@ -58,25 +58,21 @@ def data_ink_margins() -> Tensor:
     return ink(images) - ink_medians()[labels]
 
 
-def _per_prompt_vendi(features: Tensor, n: int) -> float:
-    return sum(metrics.vendi_score(block) for block in features.split(n)) / (features.shape[0] // n)
+def _per_prompt_vendi(features: Tensor, prompts: Sequence[str]) -> float:
+    """The Vendi score of each prompt's images (in ``features``' rows), averaged over the prompts."""
+    rows: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        rows.setdefault(prompt, []).append(i)
+    blocks = [features[index] for index in rows.values() if len(index) > 1]
+    return sum(metrics.vendi_score(block) for block in blocks) / len(blocks) if blocks else float("nan")
 
 
-def evaluate_prompt_following(
-    family: ModelFamily, prompts: Sequence[str], n: int, *, scorer: _Scorer | None = None, **sample_options: Any
-) -> dict[str, float]:
-    """Prompt-following accuracy, guards and within-prompt diversity of ``n`` images per prompt.
+def prompt_following_metrics(scorer: _Scorer, images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
+    """Prompt-following accuracy, hacking guards and within-prompt diversity of ``images`` (one prompt each).
 
-    Args:
-        family: the model.
-        prompts: digit prompts (:mod:`diffusion_gym.digit_prompts`).
-        n: images per prompt (≥ 2 for the diversity).
-        scorer: a loaded prompt scorer (default: the shipped classifier).
-        **sample_options: :func:`sample_prompts`'s (``guidance_scale``, ``num_steps``, ``eta``, ``seed``, ``network``).
+    The images may come in any order; the diversity is over the images that share a prompt.
     """
-    scorer = scorer if scorer is not None else _Scorer(None)
-    images = sample_prompts(family, prompts, n, **sample_options)
-    parts = scorer(images, [p for p in prompts for _ in range(n)])
+    parts = scorer(images, list(prompts))
     weighted = parts.weight != 0
     bold = parts.weight > 0
     features = scorer.classifier.features(images).float()
@@ -94,6 +90,23 @@ def evaluate_prompt_following(
         "weight_accuracy": frac(parts.weight_ok, weighted),
         "abs_margin_mean": float(parts.margin[weighted].abs().mean()) if bool(weighted.any()) else float("nan"),
         "ink_margin_p90": float(torch.quantile(parts.margin[bold], 0.9)) if bool(bold.any()) else float("nan"),
-        "vendi_embedding": _per_prompt_vendi(features, n),
-        "vendi_pixels": _per_prompt_vendi(metrics.pixel_features(images), n),
+        "vendi_embedding": _per_prompt_vendi(features, prompts),
+        "vendi_pixels": _per_prompt_vendi(metrics.pixel_features(images), prompts),
     }
+
+
+def evaluate_prompt_following(
+    family: ModelFamily, prompts: Sequence[str], n: int, *, scorer: _Scorer | None = None, **sample_options: Any
+) -> dict[str, float]:
+    """:func:`prompt_following_metrics` of ``n`` images per prompt sampled by :func:`sample_prompts`.
+
+    Args:
+        family: the model.
+        prompts: digit prompts (:mod:`diffusion_gym.digit_prompts`).
+        n: images per prompt (>= 2 for the diversity).
+        scorer: a loaded prompt scorer (default: the shipped classifier).
+        **sample_options: :func:`sample_prompts`'s (``guidance_scale``, ``num_steps``, ``eta``, ``seed``, ``network``).
+    """
+    scorer = scorer if scorer is not None else _Scorer(None)
+    images = sample_prompts(family, prompts, n, **sample_options)
+    return prompt_following_metrics(scorer, images, [p for p in prompts for _ in range(n)])

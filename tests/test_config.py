@@ -88,7 +88,7 @@ def test_expected_files_exist():
     expected = {f"digits_{m}_{r}.yaml" for m in DIGITS_METHODS for r in DIGITS_REWARDS}
     expected |= {f"celebahq_{m}_{t}.yaml" for m in PAPER_METHODS for t in PAPER_TASKS}
     expected |= {f"{v}_{r}.yaml" for v in ("sd15", "sdxl") for r in ("aesthetic", "jpeg_compressibility")}
-    expected |= {"sd-tiny_prompt_color.yaml", "sd3-tiny_grpo_prompt_color.yaml"}
+    expected |= {"sd-tiny_prompt_color.yaml", "sd3-tiny_grpo_prompt_color.yaml", "digits-t2i_grpo_prompt_match.yaml"}
     expected |= {f"{m}_jpeg_compressibility.yaml" for m in ("sd35m_grpo", "sd35m_grpo-fast", "flux_grpo")}
     assert expected == {p.name for p in YAMLS}
     assert (CONFIG_DIR / "README.md").is_file()

@@ -132,6 +132,11 @@ class EvalConfig(Section):
     eta: float | None = Field(
         None, ge=0, description="eta / flow noise level of the evaluation chain (null: sample.eta; 0: deterministic)"
     )
+    prompts: str | list[str] | None = Field(
+        None,
+        description="text models: the evaluation's prompts, a built-in set (digits-heldout), a prompt file or a list "
+        "(null: env.prompts); other models must leave it null",
+    )
 
 
 class RunConfig(Section):

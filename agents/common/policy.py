@@ -57,9 +57,21 @@ from diffusion_gym.sampling import DenoisingSchedule, StepIndex, StepOutput
 
 from .drift import ConditionNoise
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-"""UNet layers that get LoRA adapters: the attention projections (self- and, in Stable Diffusion's
-``UNet2DConditionModel``, cross-attention) and the ResNet blocks' convolutions."""
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "conv1",
+    "conv2",
+)
+"""Denoiser layers that get LoRA adapters: the attention projections (self- and, in Stable Diffusion's
+``UNet2DConditionModel``, cross-attention; in SD3's and FLUX's joint attention, the text stream's
+``add_*`` projections too, as Flow-GRPO adapts them) and the ResNet blocks' convolutions."""
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:

@@ -19,6 +19,7 @@ VARD (:mod:`agents.vard`) are two; :mod:`agents.algorithms` maps a config's ``al
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from abc import ABC, abstractmethod
@@ -36,6 +37,7 @@ from diffusion_gym.conditions import ConditionSet, make_conditions
 from diffusion_gym.envs import DenoiseCore, DiffusionDenoiseVectorEnv
 from diffusion_gym.families import ModelFamily, load_family
 
+from ..prompt_following import prompt_following_metrics
 from .checkpoint import Checkpoint, CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
 from .checkpoint import save_checkpoint as _save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
@@ -52,7 +54,10 @@ __all__ = [
     "TrainerState",
     "TrainingDivergedError",
     "evaluate_policy",
+    "evaluation_conditions",
+    "evaluation_schedule",
     "fixed_noise_rewards",
+    "prompt_metrics",
     "save_grid",
     "seed_everything",
 ]
@@ -266,6 +271,7 @@ def fixed_noise_rewards(
     seed: int,
     device: str | torch.device = "cpu",
     schedule: sampling.Schedule | None = None,
+    conditions: ConditionSet | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample rewards ``(num_samples,)`` of images from fixed noise, and the images in ``[0, 1]``.
 
@@ -273,20 +279,22 @@ def fixed_noise_rewards(
     the base model and every fine-tuned one are evaluated on the same noise, sample for sample (their
     differences are paired). Conditions cycle over the env's conditions in order (``i % num_classes``;
     a text model's prompt list), and a latent model's samples are decoded by its VAE before the reward.
-    ``schedule``: the evaluation chain (default: the policy's, the one it is trained on).
+    ``schedule``: the evaluation chain (default: the policy's, the one it is trained on);
+    ``conditions``: the evaluation's conditions (default: the env's; e.g. held-out prompts).
     """
-    ids = core.conditions.evaluation_ids(num_samples).to(device)
+    conditions = core.conditions if conditions is None else conditions
+    ids = conditions.evaluation_ids(num_samples).to(device)
     states = sampling.generate(
         policy.denoiser(),
         policy.schedule if schedule is None else schedule,
         num_samples,
         core.sample_shape,
-        core.conditions.denoiser_input(ids),
+        conditions.denoiser_input(ids),
         seed=seed,
         device=device,
     )
     images = core.decode(states)
-    return core.reward_fn(images, core.conditions.reward_input(ids)).float().cpu(), images
+    return core.reward_fn(images, conditions.reward_input(ids)).float().cpu(), images
 
 
 def evaluate_policy(
@@ -296,9 +304,10 @@ def evaluate_policy(
     seed: int,
     device: str | torch.device = "cpu",
     schedule: sampling.Schedule | None = None,
+    conditions: ConditionSet | None = None,
 ) -> tuple[metrics.MeanStd, Tensor]:
     """Reward (mean, standard error) of :func:`fixed_noise_rewards`, and the images in ``[0, 1]``."""
-    rewards, images = fixed_noise_rewards(policy, core, num_samples, seed, device, schedule)
+    rewards, images = fixed_noise_rewards(policy, core, num_samples, seed, device, schedule, conditions)
     return metrics.mean_and_standard_error(rewards), images
 
 
@@ -313,6 +322,35 @@ def evaluation_schedule(config: RunConfig, family: ModelFamily) -> sampling.Sche
     steps = s.num_steps if e.num_steps is None else e.num_steps
     eta = s.eta if e.eta is None else e.eta
     return sampling.make_schedule(family.scheduler, steps, eta, config.device)
+
+
+def evaluation_conditions(config: RunConfig, family: ModelFamily) -> ConditionSet | None:
+    """The conditions of the fixed-noise evaluation: ``eval.prompts`` of a text model, or ``None`` (the env's).
+
+    Raises:
+        ConfigError: when ``eval.prompts`` is set for a model that takes no prompts.
+    """
+    prompts = config.eval.prompts
+    if prompts is None:
+        return None
+    if not family.text_conditioned:
+        raise ConfigError(
+            f"eval.prompts is for text-to-image models; {config.model!r} takes no prompts: set eval.prompts to null"
+        )
+    return make_conditions(family, prompts, config.env.negative_prompt)
+
+
+def prompt_metrics(reward_fn: Any, images: Tensor, conditions: ConditionSet, num_samples: int) -> dict[str, float]:
+    """Prompt-following metrics of evaluation images when the reward is a prompt-following one, else ``{}``.
+
+    A reward with a ``scorer`` (``prompt_match``, ``prompt_match_smooth``) gives the accuracy, the
+    hacking guards and the within-prompt diversity of :func:`agents.prompt_following.prompt_following_metrics`.
+    """
+    scorer = getattr(reward_fn, "scorer", None)
+    if scorer is None:
+        return {}
+    prompts = conditions.reward_input(conditions.evaluation_ids(num_samples))
+    return prompt_following_metrics(scorer, images, prompts)
 
 
 GRID_MAX_COLUMNS = 16
@@ -462,13 +500,14 @@ class OnPolicyRunner:
         s = config.sample
         family = load_family(config.model, scheduler=s.scheduler, device=config.device, resolution=s.resolution)
         conditions = make_conditions(family, config.env.prompts, config.env.negative_prompt)
+        eval_conditions = evaluation_conditions(config, family)
         schedule = sampling.make_schedule(family.scheduler, s.num_steps, s.eta, config.device)  # every step SDE
         generator = torch.Generator().manual_seed(config.seed)
         progress = Progress(self.algorithm_class.name.upper(), enabled=self.progress and dist.is_main)
         context = RunContext(config, family, conditions, schedule, dist, generator, progress.phase)
         algo = self.algorithm_class(config, context)
         self._write_run_dir(dist, run_dir, checkpoint)
-        self._session = _Session(config, run_dir, algo, dist, family, progress)
+        self._session = _Session(config, run_dir, algo, dist, family, progress, eval_conditions)
         result = TrainResult(run_dir=run_dir)
         start = self._restore(checkpoint, result) if checkpoint is not None else 0
         last = config.num_epochs if self.stop_after is None else min(config.num_epochs, start + self.stop_after)
@@ -512,6 +551,7 @@ class OnPolicyRunner:
         session.progress.phase("rollout")
         stats = session.algo.train_epoch(epoch)
         stats.seconds = time.perf_counter() - tic
+        session.train_seconds += stats.seconds
         session.check_finite(epoch)
         step = epoch + 1
         writer = session.writer
@@ -611,12 +651,22 @@ class _Session:
     """The parts of one run the runner's steps share: config, directory, algorithm, writer, progress."""
 
     def __init__(
-        self, config: Any, run_dir: Path, algo: Algorithm, dist: Distributed, family: ModelFamily, progress: Progress
+        self,
+        config: Any,
+        run_dir: Path,
+        algo: Algorithm,
+        dist: Distributed,
+        family: ModelFamily,
+        progress: Progress,
+        eval_conditions: ConditionSet | None = None,
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.config, self.run_dir, self.algo, self.dist, self.family = config, run_dir, algo, dist, family
         self.progress = progress
+        self.eval_conditions = eval_conditions
+        self.train_seconds = 0.0
+        """Seconds this process spent in training epochs (rollout and update, not evaluation or checkpoints)."""
         self.writer: Any = SummaryWriter(str(run_dir / "tb")) if dist.is_main else _NoWriter()
         self.writer.add_text("config", "```yaml\n" + dump_config(config) + "```", 0)
         self.base_eval: metrics.MeanStd | None = None
@@ -633,20 +683,41 @@ class _Session:
         self.writer.close()
 
     def evaluate(self, step: int) -> metrics.MeanStd:
-        """Fixed-noise evaluation on rank 0 (logged, grid written), shared with every rank."""
+        """Fixed-noise evaluation on rank 0 (logged, grid written, a line of ``eval.jsonl``), shared with every rank."""
         e, core = self.config.eval, self.algo.envs.core
+        conditions = self.eval_conditions if self.eval_conditions is not None else core.conditions
         mean_std = None
         if self.dist.is_main:
             policy, device = self.algo.policy, self.config.device
-            mean_std, images = evaluate_policy(policy, core, e.num_samples, e.seed, device, self.eval_schedule)
-            columns = grid_columns(core.conditions)
+            mean_std, images = evaluate_policy(
+                policy, core, e.num_samples, e.seed, device, self.eval_schedule, conditions
+            )
+            columns = grid_columns(conditions)
             self.writer.add_image("eval/samples", grid_image(images, columns), step)
             self.writer.add_scalar("eval/reward_mean", mean_std.mean, step)
+            extra = prompt_metrics(core.reward_fn, images, conditions, e.num_samples)
+            for name, value in extra.items():
+                self.writer.add_scalar(f"eval/prompt_{name}", value, step)
             save_grid(images, self.run_dir / "samples" / f"epoch-{step:04d}.png", columns)
+            self._append_eval_line(step, mean_std, extra)
         shared = metrics.MeanStd(*self.dist.broadcast_object(tuple(mean_std) if mean_std is not None else None))
         if step == 0:
             self.base_eval = shared
         return shared
+
+    def _append_eval_line(self, step: int, mean_std: metrics.MeanStd, extra: dict[str, float]) -> None:
+        """One JSON line per evaluation in ``eval.jsonl``: epoch, episodes, training seconds, reward, metrics."""
+        s = self.config.sample
+        line = {
+            "epoch": step,
+            "episodes": step * s.num_envs * s.num_batches_per_epoch,
+            "train_seconds": round(self.train_seconds, 3),
+            "reward_mean": mean_std.mean,
+            "reward_se": mean_std.std,
+            **{name: None if value != value else value for name, value in extra.items()},  # NaN (none asked): null
+        }
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def check_finite(self, epoch: int) -> None:
         """Raise :class:`TrainingDivergedError` if a trainable weight is NaN/Inf (before evaluating or saving)."""
