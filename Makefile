@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install embedded embedded-t2i paper paper-beyond clean
+.PHONY: demo test lint install embedded embedded-t2i paper paper-beyond paper-t2i clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ paper: $(STAMP)
 # (docs/results/paper_digits_beyond/): 2 methods x 2 rewards x 3 seeds; finished runs are skipped on re-runs.
 paper-beyond: $(STAMP)
 	DIFFUSION_GYM_MAKE_PAPER=paper-beyond $(BIN)/diffusion-gym paper --config envs_configs/paper_digits_beyond.yaml
+
+# The prompt-following benchmark on the embedded text-to-image model: GRPO with full-SDE, Flow-GRPO-Fast and
+# MixGRPO windows, HRF, HRF-D, DRIFT and VARD x 3 seeds, equal episodes (docs/results/paper_t2i/).
+# About 35 minutes on 2 CPU cores; finished runs are skipped on re-runs.
+paper-t2i: $(STAMP)
+	DIFFUSION_GYM_MAKE_PAPER=paper-t2i $(BIN)/diffusion-gym paper --config envs_configs/paper_t2i.yaml
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

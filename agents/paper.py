@@ -13,6 +13,11 @@
    projection and injection plots and the runtime of each stage, written to ``report_dir``. The
    evaluations of earlier studies named in ``compare_with`` join the rows when their evaluation
    settings and initial noise equal this study's (otherwise an error names the field).
+
+A study with a ``prompt_following`` section (``envs_configs/paper_t2i.yaml``, ``make paper-t2i``)
+has two stages: train (methods may be GRPO configs, ``{config: ..., algo: grpo}``) and report, which
+reads every run's own ``eval.jsonl`` (:mod:`agents.prompt_report`): curves along training instead of
+one evaluation per finished model.
 """
 
 from __future__ import annotations
@@ -64,7 +69,23 @@ class MethodSpec(_Strict):
     """One method of a study: its training config template and the algorithm that reads it."""
 
     config: str = Field(..., description="training config; {reward} is replaced by the task")
-    algo: Literal["ppo-is", "vard"] = Field("ppo-is", description="trainer and config schema: ppo-is or vard")
+    algo: Literal["ppo-is", "vard", "grpo"] = Field(
+        "ppo-is", description="trainer and config schema: ppo-is, vard or grpo"
+    )
+
+
+class PromptFollowingSection(_Strict):
+    """A prompt-following study (``make paper-t2i``): the report reads every run's own ``eval.jsonl``.
+
+    Each run evaluates itself on fixed noise and held-out phrasings along training (its ``eval``
+    section), so the study has no evaluation or injection stage.
+    """
+
+    target: float = Field(0.85, gt=0, le=1, description="held-out accuracy a run must reach, guards held")
+    levels: list[float] = Field([0.8], min_length=1, description="accuracies at which diversity is compared")
+    data_ink_margin_p90: float = Field(..., gt=0, description="the data's 90th-percentile bold/thin ink margin")
+    margin_factor: float = Field(2.0, gt=0, description="guard: mean |ink margin| <= factor x the data's p90")
+    diversity_floor: float = Field(0.7, ge=0, le=1, description="guard: Vendi >= this fraction of the base's")
 
 
 COMPARED_SETTINGS = ("num_samples", "seed", "num_steps", "eta", "scheduler", "pixel_size", "is_splits", "metric_nets")
@@ -89,6 +110,9 @@ class StudyConfig(_Strict):
     evaluation: EvaluationSection = EvaluationSection()
     injection: InjectionSection | None = InjectionSection()
     compare_with: list[str] = Field([], description="evaluations.json files of earlier studies shown as extra rows")
+    prompt_following: PromptFollowingSection | None = Field(
+        None, description="set: a prompt-following study, reported from each run's eval.jsonl (no evaluate stage)"
+    )
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -117,6 +141,11 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
     if unknown:
         raise ConfigError(
             f"{path}: method_overrides names unknown methods {sorted(unknown)}; methods: {list(study.methods)}"
+        )
+    if study.prompt_following is not None and (study.injection is not None or study.compare_with):
+        raise ConfigError(
+            f"{path}: a prompt_following study has no injection stage or compared evaluations: set injection: null "
+            "and compare_with: []"
         )
     if study.injection is not None and study.injection.method not in study.methods:
         raise ConfigError(
@@ -436,12 +465,60 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
             for m in study.methods
             for s in study.seeds
         }
-    if "evaluate" in wanted:
+    if "evaluate" in wanted and study.prompt_following is None:  # prompt-following runs evaluate themselves
         timed("evaluate", evaluate_stage, study, runs, out, timings, log)
     injections = timed("injection", injection_stage, study, runs, out, timings, log) if "injection" in wanted else {}
     if "report" not in wanted:
         return out
+    if study.prompt_following is not None:
+        return prompt_report_stage(study, config_path, runs, timings, log)
     return report_stage(study, config_path, out, timings, injections, log)
+
+
+def _report_header(config_path: str | os.PathLike[str], timings: Timings) -> list[str]:
+    """The report's first lines: the command that produced it, when its stages ran, the machine."""
+    target = os.environ.get("DIFFUSION_GYM_MAKE_PAPER")  # set by the Makefile: 1 (make paper) or the target
+    command = (
+        f"make {'paper' if target == '1' else target}"
+        if target
+        else "diffusion-gym paper --config " + shlex.quote(str(config_path))
+    )
+    return [
+        f"Produced by `{command}` (study config `{config_path}`); stages started "
+        + ", ".join(f"{t['name']} {t['start']}" for t in timings.items if t["stage"] == "wall" and "start" in t)
+        + f"; report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {machine_description()}.",
+    ]
+
+
+def prompt_report_stage(
+    study: StudyConfig,
+    config_path: str | os.PathLike[str],
+    runs: dict[tuple[str, str, int], Path],
+    timings: Timings,
+    log: Any = print,
+) -> Path:
+    """Write a prompt-following study's report from its runs' ``eval.jsonl`` curves."""
+    from .prompt_report import Guards, read_run, write_prompt_report
+
+    p = study.prompt_following
+    assert p is not None
+    tic = time.perf_counter()
+    curves = [read_run(path, method, seed) for (method, _, seed), path in runs.items()]
+    guards = Guards(p.data_ink_margin_p90, p.margin_factor, p.diversity_floor)
+    path = write_prompt_report(
+        curves,
+        Path(study.report_dir),
+        title=study.title,
+        header=_report_header(config_path, timings),
+        target=p.target,
+        levels=p.levels,
+        guards=guards,
+        timings=timings.items,
+    )
+    timings.add("report", "report", time.perf_counter() - tic)
+    log(f"report: {path}")
+    return path
 
 
 def report_stage(
@@ -456,18 +533,7 @@ def report_stage(
     from .report import merge_results, write_report
 
     tic = time.perf_counter()
-    target = os.environ.get("DIFFUSION_GYM_MAKE_PAPER")  # set by the Makefile: 1 (make paper) or the target
-    command = (
-        f"make {'paper' if target == '1' else target}"
-        if target
-        else "diffusion-gym paper --config " + shlex.quote(str(config_path))
-    )
-    header = [
-        f"Produced by `{command}` (study config `{config_path}`); stages started "
-        + ", ".join(f"{t['name']} {t['start']}" for t in timings.items if t["stage"] == "wall" and "start" in t)
-        + f"; report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        f"Machine: {machine_description()}.",
-    ]
+    header = _report_header(config_path, timings)
     own = [json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json")) if "injection" not in p.name]
     compared: list[dict[str, Any]] = []
     if study.compare_with:

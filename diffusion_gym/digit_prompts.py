@@ -13,6 +13,9 @@ Two sets of phrasings (templates):
   measure whether fine-tuning taught the *attributes* or only the training sentences. They recombine
   the training vocabulary in new orders, so the word-level tokenizer knows every word.
 
+``"digits-thin"`` and ``"digits-heldout-thin"`` are their thin-stroke subsets (the held-out one with
+the digit-only phrasings): the one-attribute task of ``make paper-t2i``.
+
 :func:`parse_prompt` reads a prompt back into its attributes; rewards and metrics use it.
 """
 
@@ -74,13 +77,23 @@ def _weighted(template: str) -> bool:
     return "{weight}" in template
 
 
-def make_digit_prompts(templates: tuple[str, ...]) -> tuple[str, ...]:
-    """Every prompt the templates say: each digit with each template (weighted ones with each weight)."""
+def make_digit_prompts(
+    templates: tuple[str, ...], weights: tuple[str, ...] = WEIGHTS, digit_only: bool = True
+) -> tuple[str, ...]:
+    """Every prompt the templates say: each digit with each template (weighted ones with each of ``weights``).
+
+    Args:
+        templates: phrasings (:data:`TRAIN_TEMPLATES`, :data:`HELDOUT_TEMPLATES`).
+        weights: the stroke weights of the weighted templates' prompts.
+        digit_only: include the templates without a weight.
+    """
     prompts = []
     for template in templates:
+        if not _weighted(template) and not digit_only:
+            continue
         for digit in range(10):
-            weights = WEIGHTS if _weighted(template) else (None,)
-            prompts += [DigitPrompt(digit, weight).render(template) for weight in weights]
+            options = weights if _weighted(template) else (None,)
+            prompts += [DigitPrompt(digit, weight).render(template) for weight in options]
     return tuple(prompts)
 
 
@@ -88,6 +101,10 @@ TRAIN_PROMPTS = make_digit_prompts(TRAIN_TEMPLATES)
 """The built-in ``"digits"`` prompts: every training phrasing of every digit and weight (130)."""
 HELDOUT_PROMPTS = make_digit_prompts(HELDOUT_TEMPLATES)
 """The built-in ``"digits-heldout"`` prompts (80)."""
+THIN_PROMPTS = make_digit_prompts(TRAIN_TEMPLATES, ("thin",), digit_only=False)
+"""The built-in ``"digits-thin"`` prompts: the training phrasings that ask for thin strokes (40)."""
+HELDOUT_THIN_PROMPTS = make_digit_prompts(HELDOUT_TEMPLATES, ("thin",))
+"""The built-in ``"digits-heldout-thin"`` prompts: the held-out thin and digit-only phrasings (50)."""
 
 _NUMERAL = re.compile(r"(?<![\w])([0-9])(?![\w])")
 _WORDS = {word: value for value, word in enumerate(NUMBER_WORDS)}

@@ -6,8 +6,9 @@ batch from the env's random generator, so a seeded env draws the same prompts ev
 * :class:`PromptList` — a fixed list, drawn uniformly with replacement (as ddpo-pytorch's prompt
   functions do). Built from an inline list, a text file (one prompt per line, blank lines and ``#``
   comments skipped) or a built-in set: ``"animals"`` (:data:`ANIMALS`, simple animal names written by
-  this project, in the spirit of ddpo-pytorch's ``simple_animals``), ``"digits"`` and
-  ``"digits-heldout"`` (the embedded text-to-image model's phrasings).
+  this project, in the spirit of ddpo-pytorch's ``simple_animals``), ``"digits"``,
+  ``"digits-heldout"`` (the embedded text-to-image model's phrasings) and their thin-stroke subsets
+  ``"digits-thin"``, ``"digits-heldout-thin"``.
 * :class:`PromptFunction` — a callable ``fn(rng) -> str`` (e.g. a template filled with random
   words); the prompts are open-ended.
 
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_gym.digit_prompts import HELDOUT_PROMPTS, TRAIN_PROMPTS
+from diffusion_gym.digit_prompts import HELDOUT_PROMPTS, HELDOUT_THIN_PROMPTS, THIN_PROMPTS, TRAIN_PROMPTS
 
 ANIMALS = (
     "cat", "dog", "horse", "cow", "sheep", "pig", "goat", "rabbit", "hamster", "mouse",
@@ -42,9 +43,12 @@ BUILTIN_PROMPTS: dict[str, tuple[str, ...]] = {
     "animals": ANIMALS,
     "digits": TRAIN_PROMPTS,
     "digits-heldout": HELDOUT_PROMPTS,
+    "digits-thin": THIN_PROMPTS,
+    "digits-heldout-thin": HELDOUT_THIN_PROMPTS,
 }
 """Built-in prompt sets by name (``digits``: the embedded text-to-image model's training phrasings,
-``digits-heldout``: its evaluation phrasings; :mod:`diffusion_gym.digit_prompts`)."""
+``digits-heldout``: its evaluation phrasings; ``digits-thin`` and ``digits-heldout-thin``: their
+thin-stroke subsets; :mod:`diffusion_gym.digit_prompts`)."""
 MAX_PROMPT_CHARS = 1000
 """The longest prompt an env takes (the single env's ``Text`` observation space has this ``max_length``)."""
 PROMPT_CHARSET = frozenset(string.printable.replace("\x0b", "").replace("\x0c", "")) | frozenset(

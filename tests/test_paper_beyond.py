@@ -50,7 +50,7 @@ def _study_yaml(tmp_path: Path, methods: str, extra: str = "") -> Path:
 
 def test_study_method_algo_errors(tmp_path):
     vard = "'envs_configs/digits_vard_{reward}.yaml'"
-    with pytest.raises(ConfigError, match=r"methods\.vard\.algo: Input should be 'ppo-is' or 'vard'"):
+    with pytest.raises(ConfigError, match=r"methods\.vard\.algo: Input should be 'ppo-is', 'vard' or 'grpo'"):
         load_study(_study_yaml(tmp_path, f"{{vard: {{config: {vard}, algo: vardd}}}}"))
     with pytest.raises(
         ConfigError, match=r"(?s)methods\.vard \(algo ppo-is\):.*the config says 'vard'.*use --algo vard"

@@ -102,11 +102,13 @@ def test_vard_raises_a_reward_on_the_embedded_model_and_checkpoints(tmp_path):
     load_model(str(ckpt.path))
 
 
-@pytest.mark.parametrize("name", ["digits_vard_jpeg_compressibility", "digits_vard_jpeg_incompressibility"])
+@pytest.mark.parametrize(
+    "name", ["digits_vard_jpeg_compressibility", "digits_vard_jpeg_incompressibility", "digits-t2i_vard_prompt_match"]
+)
 def test_vard_configs_load_and_list_every_field(name):
     path = CONFIGS / f"{name}.yaml"
     config = load_vard_config(path)
-    assert config.env.reward == name.split("vard_")[1]
+    assert config.env.reward == name.split("vard_")[1].replace("prompt_match", "prompt_match_smooth")
     text = path.read_text()
     for section in ("sample", "env", "value", "train", "eval"):
         for key in type(getattr(config, section)).model_fields:
@@ -123,3 +125,50 @@ def test_renormalization_preserves_the_value():
     value.set_normalization(torch.tensor([10.0, 30.0]))  # the reward moved: new units, same predictions
     assert value.target_mean.item() == 20.0
     torch.testing.assert_close(value(x, t), before, atol=1e-4, rtol=1e-5)
+
+
+def test_a_prompt_conditioned_value_separates_prompts_an_unconditional_one_cannot():
+    """Same images, reward +1 under one prompt and -1 under the other: only the prompt's features explain it."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 12, generator=g)  # two prompts' pooled embeddings
+    x = torch.randn(128, 4, 8, 8, generator=g).repeat(2, 1, 1, 1)  # every image under both prompts
+    c = torch.arange(256) // 128
+    data = ValueData(x=x, t=torch.full((256,), 500), k=torch.zeros(256, dtype=torch.long), c=c, target=1.0 - 2.0 * c)
+    fitted = {}
+    for name, dim in (("prompt", 12), ("none", None)):
+        torch.manual_seed(0)
+        value = ValueNetwork(4, width=8, depth=1, condition_dim=dim)
+        if dim:
+            value.condition_features = lambda ids: features[ids]
+        opt = torch.optim.Adam(value.parameters(), lr=3e-3)
+        fitted[name] = fit_value(value, opt, data, num_steps=150, batch_size=64, generator=g)["explained_variance"]
+    assert fitted["prompt"] > 0.95 and fitted["none"] < 0.2, fitted
+    unset = ValueNetwork(4, width=8, depth=1, condition_dim=12)
+    with pytest.raises(ValueError, match="prompt-conditioned: set condition_features"):
+        unset(x[:2], torch.zeros(2), c[:2])
+    with pytest.raises(ValueError, match="class ids or on prompt features, not both"):
+        ValueNetwork(4, num_classes=10, condition_dim=12)
+
+
+def test_vard_on_the_embedded_text_model_reads_the_prompt():
+    """The value of a text-to-image run is conditioned on the prompts' pooled embeddings, by prompt id."""
+    from agents.algorithms import load_run_config
+    from agents.common.distributed import Distributed
+    from agents.common.runner import RunContext
+    from agents.vard.algorithm import VARD
+    from diffusion_gym.conditions import make_conditions
+    from diffusion_gym.families import load_family
+
+    config = load_run_config(CONFIGS / "digits-t2i_vard_prompt_match.yaml", ["sample.num_envs=8"], algo="vard")
+    family = load_family(config.model, device="cpu")
+    conditions = make_conditions(family, config.env.prompts)
+    schedule = sampling.make_schedule(family.scheduler, config.sample.num_steps, config.sample.eta, "cpu")
+    run = RunContext(config, family, conditions, schedule, Distributed(), torch.Generator().manual_seed(0))
+    algo = VARD(config, run)
+    ids = torch.tensor(conditions.book.ids(["a thin 3", "a bold 3"]))
+    pooled = conditions.encode(ids).pooled
+    assert algo.value.condition_proj is not None and algo.value.condition_proj.in_features == pooled.shape[-1]
+    assert torch.equal(algo.value.condition_features(ids), pooled)
+    x = torch.zeros(2, *algo.envs.core.sample_shape)
+    out = algo.value(x, torch.full((2,), 500), ids)
+    assert out[0] != out[1]  # the same image, two prompts: two values

@@ -48,6 +48,7 @@ from .value import (
     collect_value_data,
     explained_variance,
     fit_value,
+    prompt_features,
     state_timesteps,
 )
 
@@ -98,10 +99,13 @@ class VARD(Algorithm):
             self.reference = run.make_policy(copy.deepcopy(unet).requires_grad_(False))
         self.envs = make_env(config, self.policy, run.family)
         core, v, t = self.envs.core, config.value, config.train
+        prompts = prompt_features(core.conditions)  # a text model's value reads the prompt
         self.value = ValueNetwork(
             core.sample_shape[0], core.num_classes, width=v.width, depth=v.depth,
-            num_train_timesteps=schedule.num_train_timesteps,
+            num_train_timesteps=schedule.num_train_timesteps, condition_dim=prompts[1] if prompts else None,
         ).to(device)  # fmt: skip
+        if prompts is not None:
+            self.value.condition_features = prompts[0]
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=v.learning_rate)
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(), lr=t.learning_rate, weight_decay=t.weight_decay

@@ -15,13 +15,14 @@ the last DDIM step moves to (``t_{K-1} − T/K``, i.e. below every sampling time
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from diffusion_gym import sampling
+from diffusion_gym.conditions import ConditionSet, PromptConditions
 from diffusion_gym.envs import DiffusionDenoiseVectorEnv
 
 from ..common.policy import DiffusionPolicy
@@ -68,6 +69,24 @@ class _Block(nn.Module):
         return h + self.conv(nn.functional.silu(self.norm(h) * (1 + scale) + shift))
 
 
+def prompt_features(conditions: ConditionSet) -> tuple[Callable[[Tensor], Tensor], int] | None:
+    """A text model's condition features for the value: prompt ids -> pooled prompt embeddings.
+
+    The pooled embedding (SD3's and FLUX's ``pooled_projections``, SDXL's ``text_embeds``) where the
+    family has one, else the mean of the token embeddings. Returns the feature function and its size,
+    or ``None`` for class conditions (the value embeds class ids itself).
+    """
+    if not isinstance(conditions, PromptConditions):
+        return None
+
+    def features(ids: Tensor) -> Tensor:
+        encoded = conditions.encode(ids)
+        pooled = encoded.pooled if encoded.pooled is not None else encoded.embeds.mean(dim=1)
+        return pooled.detach()
+
+    return features, int(features(torch.zeros(1, dtype=torch.long)).shape[-1])
+
+
 class ValueNetwork(nn.Module):
     """``V(c, t, x_t)``: predicted final reward of a (noisy) image at timestep ``t`` with condition ``c``.
 
@@ -80,6 +99,9 @@ class ValueNetwork(nn.Module):
     Args:
         in_channels: image channels ``C``.
         num_classes: number of class conditions (``None``: unconditional).
+        condition_dim: size of the condition features of a text-to-image model (the prompt's pooled
+            embedding, :func:`prompt_features`); the value is then called with condition ids and
+            turns them into features with :attr:`condition_features`, which the trainer sets.
         width: channels of the first stage (doubled per stage).
         depth: number of down-sampling stages.
         num_train_timesteps: ``T`` of the scheduler (scales the timestep features).
@@ -94,13 +116,19 @@ class ValueNetwork(nn.Module):
         depth: int = 2,
         num_train_timesteps: int = 1000,
         emb_dim: int = 64,
+        condition_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if num_classes and condition_dim:
+            raise ValueError("a value network is conditioned on class ids or on prompt features, not both")
         self.num_classes = num_classes
         self.num_train_timesteps = num_train_timesteps
         self.emb_dim = emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None
+        self.condition_proj = nn.Linear(condition_dim, emb_dim) if condition_dim else None
+        self.condition_features: Callable[[Tensor], Tensor] | None = None
+        """Condition ids -> ``(B, condition_dim)`` features (a text model's prompt embeddings)."""
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
         blocks, downs, channels = [], [], width
         for _ in range(depth):
@@ -142,6 +170,10 @@ class ValueNetwork(nn.Module):
             if c is None:
                 raise ValueError("this value network is class-conditional: pass conditions (class ids)")
             emb = emb + self.class_emb(c.to(x.device).long())
+        if self.condition_proj is not None:
+            if c is None or self.condition_features is None:
+                raise ValueError("this value network is prompt-conditioned: set condition_features and pass prompt ids")
+            emb = emb + self.condition_proj(self.condition_features(c).to(x.device).float())
         h = self.stem(x.float())
         for block, down in zip(self.blocks, self.downs, strict=True):
             h = down(block(h, emb))
