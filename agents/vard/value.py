@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from diffusion_gym import sampling
 from diffusion_gym.conditions import ConditionSet, PromptConditions
 from diffusion_gym.envs import DiffusionDenoiseVectorEnv
+from diffusion_gym.families import Conditioning
 
 from ..common.policy import DiffusionPolicy
 
@@ -79,12 +80,11 @@ def prompt_features(conditions: ConditionSet) -> tuple[Callable[[Tensor], Tensor
     if not isinstance(conditions, PromptConditions):
         return None
 
-    def features(ids: Tensor) -> Tensor:
-        encoded = conditions.encode(ids)
-        pooled = encoded.pooled if encoded.pooled is not None else encoded.embeds.mean(dim=1)
-        return pooled.detach()
+    def pooled(encoded: Conditioning) -> Tensor:
+        return (encoded.pooled if encoded.pooled is not None else encoded.embeds.mean(dim=1)).detach()
 
-    return features, int(features(torch.zeros(1, dtype=torch.long)).shape[-1])
+    probe = conditions.family.encode_conditions([""])  # the size, before any prompt is drawn
+    return (lambda ids: pooled(conditions.encode(ids))), int(pooled(probe).shape[-1])
 
 
 class ValueNetwork(nn.Module):
