@@ -8,6 +8,9 @@ The core (the env, the math, JPEG rewards, the PPO-IS and VARD trainers) needs n
 | ``clip`` | open_clip_torch | the CLIP image encoder: ``laion_aesthetic``, CLIP metrics |
 | ``sb3`` | stable-baselines3 | ``agents.sb3`` (the Stable-Baselines3 adapter) |
 | ``text`` | transformers | text-conditioned latent models (``diffusion_gym.families``: SD 1.x/2.x, SDXL) |
+| ``ocr`` | rapidocr, onnxruntime, opencv-python-headless | the ``ocr`` reward (PP-OCR models in the wheel) |
+| ``faces`` | yuface | the ``face_confidence`` reward (YuNet, weights in the wheel) |
+| ``quality`` | brisque, scikit-image | the ``brisque`` reward (the LIVE-trained SVR in the wheel) |
 | ``all`` | all of the above | |
 """
 

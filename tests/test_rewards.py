@@ -202,7 +202,7 @@ def test_images_outside_unit_range_are_rejected():
 def test_kwargs_only_for_names():
     with pytest.raises(ValueError, match="registered reward name"):
         rewards.make_reward(lambda images, conditions: images.mean(dim=(1, 2, 3)), scale=2)
-    with pytest.raises(ValueError, match="registered name or a callable"):
+    with pytest.raises(ValueError, match="registered name, a mapping of names to weights or a callable"):
         rewards.make_reward(42)  # type: ignore[arg-type]
 
 

@@ -41,10 +41,40 @@ Registered rewards
     weight (ink above / below the digit's median), else 0; the smooth variant ``p(digit) ·
     σ(±ink margin / 4)`` for training.
 
+``image_reward``
+    ImageReward (:mod:`~diffusion_gym.rewards.image_reward`): BLIP's ViT-L and cross-attention BERT from
+    transformers with the published ``ImageReward.pt`` and its normalisation; the package itself does
+    not install next to this project's dependencies.
+``clip_score`` / ``pickscore`` / ``hpsv2``
+    Image–prompt preference rewards on CLIP-style dual encoders (:mod:`~diffusion_gym.rewards.preference`):
+    ``max(100 · cos, 0)`` on OpenAI's CLIP ViT-L-14; PickScore's ``exp(logit_scale) · cos``; HPS v2.1's
+    ``cos`` on open_clip's ViT-H-14. Weights from a path or the Hugging Face cache, never downloaded;
+    ``random_init=True`` for tests.
+``ocr`` / ``face_confidence`` / ``brisque``
+    Rewards whose models ship in their packages (:mod:`~diffusion_gym.rewards.vision`; extras ``ocr``,
+    ``faces``, ``quality``): edit similarity of the text read by PP-OCR to the prompt's quoted text;
+    the highest YuNet face confidence (0 without a face); minus the BRISQUE no-reference quality score.
+``remote``
+    A reward scored by a server in another process or on another machine, over a small HTTP protocol
+    (:mod:`~diffusion_gym.rewards.remote`; ``python -m diffusion_gym.rewards.remote --reward NAME``
+    serves any registered reward), with timeouts and retries.
+
+Several rewards
+---------------
+A mapping of names to weights (``make_reward({"jpeg_compressibility": 1.0, "digit_confidence": 2.0},
+normalize="rank")``; in YAML ``reward: {pickscore: 1.0, ocr: 0.5}``) builds a
+:class:`~diffusion_gym.rewards.multi.WeightedRewards`: the weighted sum of the rewards, each normalised
+first (``"none"``, ``"running"`` mean/std, or ``"rank"`` in the batch), with each component's raw
+values kept for logging.
+
 Modules
 -------
 :mod:`~diffusion_gym.rewards.registry` (:data:`RewardFn`, :func:`register_reward`,
-:func:`make_reward`, :class:`CheckedReward`), :mod:`~diffusion_gym.rewards.host` (:func:`host_reward`,
+:func:`make_reward`, :class:`CheckedReward`), :mod:`~diffusion_gym.rewards.multi` (:class:`WeightedRewards`),
+:mod:`~diffusion_gym.rewards.remote` (:class:`RemoteReward`, :func:`serve_reward`),
+:mod:`~diffusion_gym.rewards.vision`, :mod:`~diffusion_gym.rewards.preference`,
+:mod:`~diffusion_gym.rewards.image_reward`,
+:mod:`~diffusion_gym.rewards.host` (:func:`host_reward`,
 :func:`reward_async`), :mod:`~diffusion_gym.rewards.jpeg`, :mod:`~diffusion_gym.rewards.aesthetic`,
 :mod:`~diffusion_gym.rewards.digits`, :mod:`~diffusion_gym.rewards.prompt_toys` and
 :mod:`~diffusion_gym.rewards.prompt_match`; the CLIP encoder
@@ -68,6 +98,7 @@ from diffusion_gym.rewards.aesthetic import _load_mlp_state as _load_mlp_state
 from diffusion_gym.rewards.aesthetic import _resolve_mlp_weights as _resolve_mlp_weights
 from diffusion_gym.rewards.digits import digit_confidence
 from diffusion_gym.rewards.host import host_reward, reward_async, runs_on_host
+from diffusion_gym.rewards.image_reward import ImageRewardScorer, image_reward
 from diffusion_gym.rewards.jpeg import (
     JPEG_QUALITY,
     JPEG_QUALITY_RANGE,
@@ -76,10 +107,14 @@ from diffusion_gym.rewards.jpeg import (
     jpeg_size_kb,
     set_jpeg_workers,
 )
+from diffusion_gym.rewards.multi import NORMALIZATIONS, WeightedRewards, evaluation_mode, weighted_rewards_of
+from diffusion_gym.rewards.preference import DualEncoderScorer, clip_score, hpsv2, pickscore
 from diffusion_gym.rewards.prompt_match import prompt_match, prompt_match_smooth
 from diffusion_gym.rewards.prompt_toys import prompt_brightness, prompt_color
 from diffusion_gym.rewards.registry import _REGISTRY as _REGISTRY
 from diffusion_gym.rewards.registry import CheckedReward, RewardFn, available_rewards, make_reward, register_reward
+from diffusion_gym.rewards.remote import RemoteReward, RemoteRewardError, serve_reward
+from diffusion_gym.rewards.vision import brisque, face_confidence, ocr
 
 __all__ = [
     "AESTHETIC_MLP_ENV",
@@ -88,20 +123,34 @@ __all__ = [
     "CLIP_WEIGHTS_ENV",
     "JPEG_QUALITY",
     "JPEG_QUALITY_RANGE",
+    "NORMALIZATIONS",
     "AestheticMLP",
     "CheckedReward",
+    "DualEncoderScorer",
     "ClipImageEncoder",
+    "ImageRewardScorer",
     "LaionAestheticScorer",
+    "RemoteReward",
+    "RemoteRewardError",
     "RewardFn",
+    "WeightedRewards",
     "available_rewards",
+    "brisque",
     "clip_hub_files",
+    "clip_score",
     "digit_confidence",
+    "evaluation_mode",
+    "face_confidence",
     "host_reward",
+    "hpsv2",
+    "image_reward",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "jpeg_size_kb",
     "laion_aesthetic",
     "make_reward",
+    "ocr",
+    "pickscore",
     "prompt_brightness",
     "prompt_color",
     "prompt_match",
@@ -109,7 +158,9 @@ __all__ = [
     "register_reward",
     "reward_async",
     "runs_on_host",
+    "serve_reward",
     "set_jpeg_workers",
+    "weighted_rewards_of",
 ]
 
 register_reward("jpeg_compressibility", jpeg_compressibility)
@@ -120,3 +171,11 @@ register_reward("prompt_brightness", prompt_brightness)
 register_reward("prompt_color", prompt_color)
 register_reward("prompt_match", prompt_match)
 register_reward("prompt_match_smooth", prompt_match_smooth)
+register_reward("remote", RemoteReward)
+register_reward("clip_score", clip_score)
+register_reward("pickscore", pickscore)
+register_reward("hpsv2", hpsv2)
+register_reward("image_reward", image_reward)
+register_reward("ocr", ocr)
+register_reward("face_confidence", face_confidence)
+register_reward("brisque", brisque)

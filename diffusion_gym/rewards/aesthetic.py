@@ -76,13 +76,14 @@ class AestheticMLP(nn.Module):
 
     Linear layers with dropout in between and no activations (so, in eval mode, an affine map),
     stored as ``layers`` so that the state dict keys (``layers.0.weight`` … ``layers.7.bias``)
-    match the original ``.pth`` file.
+    match the original ``.pth`` file. ImageReward's head is the same MLP on its text encoder's 768
+    ``[CLS]`` features (``input_dim``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, input_dim: int = CLIP_EMBED_DIM) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(CLIP_EMBED_DIM, 1024),
+            nn.Linear(input_dim, 1024),
             nn.Dropout(0.2),
             nn.Linear(1024, 128),
             nn.Dropout(0.2),

@@ -7,7 +7,7 @@ or wraps a user callable in a :class:`CheckedReward`, which validates the images
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -128,19 +128,23 @@ class CheckedReward:
         return out
 
 
-def make_reward(spec: str | RewardFn, **kwargs: Any) -> RewardFn:
-    """Build a reward function from a registered name, or wrap a user callable.
+def make_reward(spec: str | Mapping[str, float] | RewardFn, **kwargs: Any) -> RewardFn:
+    """Build a reward function from a registered name or a weighting of names, or wrap a user callable.
 
     Args:
-        spec: a name from :func:`available_rewards`, or a callable ``(images, conditions) -> (B,)``.
-        **kwargs: passed to the registered reward's factory (names only).
+        spec: a name from :func:`available_rewards`; a mapping of names to weights, for their weighted
+            sum (:class:`~diffusion_gym.rewards.multi.WeightedRewards`); or a callable
+            ``(images, conditions) -> (B,)``.
+        **kwargs: passed to the registered reward's factory (names only); with a mapping,
+            ``normalize`` (``"none"``, ``"running"``, ``"rank"``), ``eps``, and per reward name the
+            options of its factory (``make_reward({"a": 1, "b": 2}, normalize="rank", b={"quality": 50})``).
 
     Returns:
         A :class:`CheckedReward` around the reward, which validates images and outputs.
 
     Raises:
         ValueError: for an unknown name (the message lists the valid choices), for keyword arguments
-            given with a callable, or for a spec that is neither a string nor a callable.
+            given with a callable, or for a spec that is neither a string, a mapping nor a callable.
     """
     if isinstance(spec, CheckedReward):
         if kwargs:
@@ -150,6 +154,11 @@ def make_reward(spec: str | RewardFn, **kwargs: Any) -> RewardFn:
         if spec not in _REGISTRY:
             raise ValueError(f"unknown reward {spec!r}; valid choices: {available_rewards()}")
         return CheckedReward(_REGISTRY[spec](**kwargs), spec)
+    if isinstance(spec, Mapping):
+        from diffusion_gym.rewards.multi import build_weighted_rewards
+
+        combined = build_weighted_rewards(spec, make_reward, **kwargs)
+        return CheckedReward(combined, " + ".join(f"{w:g}*{name}" for name, w in combined.weights.items()))
     if callable(spec):
         if kwargs:
             raise ValueError(
@@ -158,5 +167,6 @@ def make_reward(spec: str | RewardFn, **kwargs: Any) -> RewardFn:
         name = getattr(spec, "__qualname__", None) or getattr(spec, "__name__", None) or type(spec).__name__
         return CheckedReward(spec, name)
     raise ValueError(
-        f"reward must be a registered name or a callable, got {type(spec).__name__}; valid names: {available_rewards()}"
+        f"reward must be a registered name, a mapping of names to weights or a callable, got "
+        f"{type(spec).__name__}; valid names: {available_rewards()}"
     )
