@@ -243,6 +243,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     save_image(sampling.to_unit_range(x), out, nrow=nrow, padding=1, pad_value=0.5)
     what = f"{args.n} samples of {args.checkpoint or spec} ({args.steps} DDIM steps, eta {args.eta})"
     print(f"wrote {what} to {out.resolve()} in {seconds:.1f} s")
+    if result.stopped_early:
+        print(f"  stopped early: {result.stopped_early}")
     return 0
 
 

@@ -58,15 +58,6 @@ def data_ink_margins() -> Tensor:
     return ink(images) - ink_medians()[labels]
 
 
-def _per_prompt_vendi(features: Tensor, prompts: Sequence[str]) -> float:
-    """The Vendi score of each prompt's images (in ``features``' rows), averaged over the prompts."""
-    rows: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        rows.setdefault(prompt, []).append(i)
-    blocks = [features[index] for index in rows.values() if len(index) > 1]
-    return sum(metrics.vendi_score(block) for block in blocks) / len(blocks) if blocks else float("nan")
-
-
 def prompt_following_metrics(scorer: _Scorer, images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
     """Prompt-following accuracy, hacking guards and within-prompt diversity of ``images`` (one prompt each).
 
@@ -90,8 +81,8 @@ def prompt_following_metrics(scorer: _Scorer, images: Tensor, prompts: Sequence[
         "weight_accuracy": frac(parts.weight_ok, weighted),
         "abs_margin_mean": float(parts.margin[weighted].abs().mean()) if bool(weighted.any()) else float("nan"),
         "ink_margin_p90": float(torch.quantile(parts.margin[bold], 0.9)) if bool(bold.any()) else float("nan"),
-        "vendi_embedding": _per_prompt_vendi(features, prompts),
-        "vendi_pixels": _per_prompt_vendi(metrics.pixel_features(images), prompts),
+        "vendi_embedding": metrics.grouped_vendi(features, prompts),
+        "vendi_pixels": metrics.grouped_vendi(metrics.pixel_features(images), prompts),
     }
 
 

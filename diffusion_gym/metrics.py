@@ -8,7 +8,7 @@ offline from the embedded digit classifier (:func:`classifier_outputs`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -118,6 +118,22 @@ def group_cosine_diversity(features: Tensor, groups: Tensor) -> Tensor:
 def pixel_vendi(images: Tensor, size: int | None = 32) -> float:
     """Vendi score of images in ``[0, 1]`` on their (resized) pixels."""
     return vendi_score(pixel_features(images, size))
+
+
+def grouped_vendi(features: Tensor, keys: Sequence[Hashable]) -> float:
+    """The Vendi score of each group's rows of ``features`` (rows with equal ``keys``), averaged over the groups.
+
+    Groups of one row are left out; ``nan`` when no group has two rows. The diversity *within* a
+    condition (a prompt, a class): a model that draws one image per prompt scores 1 however different
+    its prompts' images are.
+    """
+    if len(keys) != features.shape[0]:
+        raise ValueError(f"need one key per feature row, got {len(keys)} keys for {features.shape[0]} rows")
+    rows: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        rows.setdefault(key, []).append(i)
+    blocks = [features[index] for index in rows.values() if len(index) > 1]
+    return sum(vendi_score(block) for block in blocks) / len(blocks) if blocks else float("nan")
 
 
 def mean_and_standard_error(values: Tensor | Iterable[float]) -> MeanStd:

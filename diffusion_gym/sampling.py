@@ -897,6 +897,7 @@ def generate(
     seed: int = 0,
     device: str | torch.device = "cpu",
     batch_size: int = 256,
+    on_step: StepCallback | None = None,
 ) -> Tensor:
     """Sample ``n`` images from pure noise (the full chain), in ``[-1, 1]``.
 
@@ -914,6 +915,7 @@ def generate(
         seed: seed of the initial and policy noise.
         device: where to run.
         batch_size: images per chain.
+        on_step: :func:`denoise_chain`'s, called for the steps of each batch of images in turn.
     """
     x_all = initial_noise(n, sample_shape, seed)
     policy_noise = GeneratorNoise(torch.Generator().manual_seed(seed + 1))
@@ -921,5 +923,5 @@ def generate(
     for start in range(0, n, batch_size):
         x = x_all[start : start + batch_size].to(device)
         c = None if conditions is None else conditions[start : start + batch_size].to(device)
-        out.append(denoise_chain(denoiser, x, schedule, c, noise=policy_noise))
+        out.append(denoise_chain(denoiser, x, schedule, c, noise=policy_noise, on_step=on_step))
     return torch.cat(out)

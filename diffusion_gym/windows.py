@@ -151,14 +151,17 @@ class PredefinedWindows(WindowStrategy):
     """HRF: clusters of step indices, each used for a number of iterations.
 
     In iteration ``i``, the current cluster is the one whose share of the cumulative iteration
-    counts holds ``i``; start steps are drawn uniformly from ``{a, …, b}``. After the last cluster
-    the schedule starts again from the first (``cycle=True``, default) or stays in the last.
+    counts holds ``i``; start steps are drawn uniformly from ``{a, …, b}`` (``end_inclusive=True``, the
+    default) or from ``{a, …, b − 1}`` (``False``: the HRF authors' ``torch.arange(a, b)``). After the
+    last cluster the schedule starts again from the first (``cycle=True``, default) or stays in the last.
 
     Args:
-        clusters: ``[(a, b), …]`` with ``0 ≤ a ≤ b < K`` (step indices, 0 = noisiest).
+        clusters: ``[(a, b), …]`` with ``0 ≤ a ≤ b < K`` (step indices, 0 = noisiest); half-open
+            clusters need ``a < b ≤ K``.
         iterations: iterations per cluster (same length, each ≥ 1); default 8 each, as in the paper.
         cycle: start over after the last cluster (else stay in it).
         batches_per_iteration: see :class:`WindowStrategy`.
+        end_inclusive: draw ``b`` too (the project's default) or not (the authors' code).
     """
 
     def __init__(
@@ -167,9 +170,14 @@ class PredefinedWindows(WindowStrategy):
         iterations: Sequence[int] | None = None,
         cycle: bool = True,
         batches_per_iteration: int = 1,
+        end_inclusive: bool = True,
     ) -> None:
         super().__init__(batches_per_iteration)
         self.clusters = _validate_clusters(clusters)
+        self.end_inclusive = bool(end_inclusive)
+        empty = [c for c in self.clusters if not self.end_inclusive and c[0] == c[1]]
+        if empty:
+            raise ValueError(f"half-open clusters (end_inclusive=False) need a < b; {empty[0]} holds no step")
         iterations = [8] * len(self.clusters) if iterations is None else list(iterations)
         if len(iterations) != len(self.clusters) or not all(isinstance(i, int) and i >= 1 for i in iterations):
             raise ValueError(
@@ -179,9 +187,9 @@ class PredefinedWindows(WindowStrategy):
         self.cycle = cycle
 
     def bind(self, num_steps: int) -> None:
-        """Check that every cluster lies in ``[0, num_steps − 1]``."""
+        """Check that every cluster's steps lie in ``[0, num_steps − 1]``."""
         for a, b in self.clusters:
-            if b >= num_steps:
+            if b - (not self.end_inclusive) >= num_steps:
                 raise ValueError(
                     f"cluster {(a, b)} does not fit a chain of {num_steps} steps: step indices must lie in "
                     f"[0, {num_steps - 1}] (clusters {self.clusters})"
@@ -204,11 +212,12 @@ class PredefinedWindows(WindowStrategy):
 
     def _start_steps(self, n: int, rng: np.random.Generator, probe: Probe | None) -> np.ndarray:
         a, b = self.current_cluster
-        return rng.integers(a, b + 1, size=n)
+        return rng.integers(a, b + int(self.end_inclusive), size=n)
 
     def describe(self) -> str:
         """See :meth:`WindowStrategy.describe`."""
-        return f"predefined windows {self.clusters} × {self.iterations} iterations"
+        ends = "" if self.end_inclusive else " (half-open: b excluded)"
+        return f"predefined windows {self.clusters}{ends} × {self.iterations} iterations"
 
 
 class DynamicWindow(WindowStrategy):

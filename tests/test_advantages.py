@@ -17,6 +17,19 @@ def test_group_standardize_uses_each_groups_own_statistics():
     assert adv[4] == pytest.approx(global_standardize(rewards)[4].item())  # singleton: batch stats
 
 
+def test_the_authors_sample_std_gives_their_advantages():
+    """The HRF authors' standardize(): (x - mean) / (x.std() + 1e-6) with torch's n - 1 std, per reference."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 10.0, 30.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    # group 0: mean 3, sample std sqrt(14 / 3) = 2.1602 (population: sqrt(14 / 4) = 1.8708)
+    authors = group_standardize(rewards, groups, "group-sample")
+    torch.testing.assert_close(authors[:4], torch.tensor([-0.9258, -0.4629, 0.0, 1.3887]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(authors[4:], torch.tensor([-0.7071, 0.7071]), atol=1e-4, rtol=0)  # n = 2: std 14.14
+    ours = group_standardize(rewards, groups, "group")
+    torch.testing.assert_close(ours[:4], torch.tensor([-1.0690, -0.5345, 0.0, 1.6036]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[:4] * (3 / 4) ** 0.5, authors[:4], atol=1e-5, rtol=0)
+
+
 def test_tracker_falls_back_to_batch_stats_until_min_count():
     tracker = PerConditionStatTracker(buffer_size=4, min_count=3)
     c = torch.tensor([0, 0, 1, 1])

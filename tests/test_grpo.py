@@ -70,7 +70,9 @@ def test_group_advantages_divide_by_the_group_or_the_batch_std():
     assert torch.allclose(batch, centred / rewards.std(unbiased=False), atol=1e-6)
     adv = compute_advantages(rewards, groups, torch.zeros(4), mode="group", std="batch")
     assert torch.equal(adv, batch)
-    with pytest.raises(ValueError, match=r"unknown advantage std 'rank'; valid choices: \['group', 'batch'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown advantage std 'rank'; valid choices: \['group', 'group-sample', 'batch'\]"
+    ):
         group_standardize(rewards, groups, std="rank")
 
 

@@ -60,6 +60,22 @@ def test_malformed_windows_are_rejected_with_the_choices(bad):
     assert repr(bad) in str(err.value) or "valid choices" in str(err.value)
 
 
+def test_half_open_clusters_draw_as_the_authors_arange():
+    """end_inclusive=False: the authors' torch.arange(a, b): (8, 12) draws 8..11 and never 12; b may be K."""
+    rng = np.random.default_rng(0)
+    closed = _bound(make_window("hrf"), k=40)
+    half = _bound(make_window("hrf", end_inclusive=False), k=40)
+    assert set(np.concatenate([closed.next_batch(50, rng) for _ in range(4)]).tolist()) == {8, 9, 10, 11, 12}
+    assert set(np.concatenate([half.next_batch(50, rng) for _ in range(4)]).tolist()) == {8, 9, 10, 11}
+    assert "half-open" in half.describe()
+    last = _bound(PredefinedWindows([(36, 40)], end_inclusive=False), k=40)
+    assert set(last.next_batch(200, rng).tolist()) == {36, 37, 38, 39}
+    with pytest.raises(ValueError, match=r"\(36, 41\).*\[0, 39\]"):
+        _bound(PredefinedWindows([(36, 41)], end_inclusive=False), k=40)
+    with pytest.raises(ValueError, match=r"need a < b; \(5, 5\) holds no step"):
+        PredefinedWindows([(5, 5)], end_inclusive=False)
+
+
 def test_cluster_beyond_the_chain_is_rejected():
     w = make_window([(8, 12), (38, 45)])
     with pytest.raises(ValueError, match=r"\(38, 45\).*\[0, 39\]"):

@@ -27,7 +27,7 @@ def global_standardize(rewards: Tensor) -> Tensor:
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + _EPS)
 
 
-ADVANTAGE_STDS = ("group", "batch")
+ADVANTAGE_STDS = ("group", "group-sample", "batch")
 
 
 def group_standardize(rewards: Tensor, groups: Tensor, std: str = "group") -> Tensor:
@@ -36,8 +36,10 @@ def group_standardize(rewards: Tensor, groups: Tensor, std: str = "group") -> Te
     Args:
         rewards: ``(N,)`` rewards.
         groups: ``(N,)`` integer group ids (e.g. the reference image, or the prompt of a GRPO group).
-        std: ``"group"``: each group's population std (HRF, GRPO); ``"batch"``: the whole batch's
-            (Flow-GRPO's ``global_std``: groups whose rewards barely differ get small advantages).
+        std: ``"group"``: each group's population std (HRF, GRPO); ``"group-sample"``: each group's
+            sample std (``n − 1``, the HRF authors' ``x.std()``: advantages √((n − 1)/n) as large);
+            ``"batch"``: the whole batch's (Flow-GRPO's ``global_std``: groups whose rewards barely
+            differ get small advantages).
     """
     if std not in ADVANTAGE_STDS:
         raise ValueError(f"unknown advantage std {std!r}; valid choices: {list(ADVANTAGE_STDS)}")
@@ -46,7 +48,11 @@ def group_standardize(rewards: Tensor, groups: Tensor, std: str = "group") -> Te
     total = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, rewards)
     mean = total / counts
     sq = torch.zeros_like(total).index_add_(0, inverse, (rewards - mean[inverse]) ** 2)
-    scale = (sq / counts).sqrt()[inverse] if std == "group" else rewards.std(unbiased=False).expand_as(rewards)
+    if std == "batch":
+        scale = rewards.std(unbiased=False).expand_as(rewards)
+    else:
+        ddof = 1 if std == "group-sample" else 0
+        scale = (sq / (counts - ddof).clamp(min=1)).sqrt()[inverse]
     per_group = (rewards - mean[inverse]) / (scale + _EPS)
     singleton = counts[inverse] < 2
     return torch.where(singleton, global_standardize(rewards), per_group)
@@ -101,7 +107,7 @@ def compute_advantages(
     conditions: Tensor,
     mode: str = "auto",
     tracker: PerConditionStatTracker | None = None,
-    clip: float = 5.0,
+    clip: float | Tensor = 5.0,
     std: str = "group",
 ) -> Tensor:
     """Advantages of a batch of trajectories.
@@ -114,7 +120,7 @@ def compute_advantages(
             ``"auto"``: group when the trajectories come from references, else condition when a
             tracker is given, else global.
         tracker: the per-condition tracker (needed by ``"condition"``).
-        clip: clip the advantages to ``[−clip, clip]``.
+        clip: clip the advantages to ``[−clip, clip]`` (a tensor: one bound per trajectory).
         std: the ``"group"`` mode's divisor (:func:`group_standardize`).
     """
     if mode not in ADVANTAGE_MODES:

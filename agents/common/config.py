@@ -106,8 +106,15 @@ class SampleConfig(Section):
 class EnvConfig(Section):
     """The task: reward, window and references."""
 
-    reward: str = Field("jpeg_compressibility", description="registered reward name")
-    reward_kwargs: dict[str, Any] = Field(default_factory=dict, description="options of the reward")
+    reward: str | dict[str, float] = Field(
+        "jpeg_compressibility",
+        description="registered reward name, or names to weights for their weighted sum ({pickscore: 1.0, ocr: 0.5})",
+    )
+    reward_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options of the reward; of a weighted sum: normalize (none, running, rank), eps, and per reward "
+        "name its options",
+    )
     window: str | list[tuple[int, int]] = Field(
         "full", description="full, hrf, hrf-early, hrf-later, hrf-d, or clusters"
     )
@@ -121,7 +128,7 @@ class EnvConfig(Section):
 
 
 class EvalConfig(Section):
-    """Fixed-noise evaluation during training."""
+    """Fixed-noise evaluation during training, and the hacking monitors."""
 
     num_samples: int = Field(64, ge=1, description="images in the logged grid / evaluation")
     seed: int = Field(1234, description="seed of the fixed evaluation noise")
@@ -137,6 +144,47 @@ class EvalConfig(Section):
         description="text models: the evaluation's prompts, a built-in set (digits-heldout), a prompt file or a list "
         "(null: env.prompts); other models must leave it null",
     )
+    held_out_rewards: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="rewards scored on the evaluation images only, never trained on: name -> its options ({} for none)",
+    )
+    diversity: bool = Field(False, description="log the Vendi score of the evaluation images within each condition")
+    kl_to_base: bool = Field(
+        False,
+        description="log each evaluation's KL from the policy to the base model along its chain (a frozen copy of the "
+        "base weights: twice the evaluation's denoiser calls)",
+    )
+    monitor_margins: dict[str, float] = Field(
+        default_factory=dict,
+        description="the hacking monitor: metric (a held-out reward, vendi_pixels) -> the drop below its base value "
+        "that fires it while the eval reward is above the base's",
+    )
+    early_stop: bool = Field(False, description="stop the run (after a checkpoint) at the evaluation the monitor fires")
+
+    @field_validator("held_out_rewards", mode="before")
+    @classmethod
+    def _names_to_mapping(cls, value: Any) -> Any:
+        """A list of names is a mapping of each to no options."""
+        return dict.fromkeys(value, {}) if isinstance(value, list) else value
+
+    @field_validator("monitor_margins")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: margin for name, margin in value.items() if not margin > 0}
+        if bad:
+            raise ValueError(f"margins must be positive numbers, got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _monitored_metrics_exist(self) -> EvalConfig:
+        metrics = [*self.held_out_rewards, *(["vendi_pixels"] if self.diversity else [])]
+        unknown = sorted(set(self.monitor_margins) - set(metrics))
+        if unknown:
+            raise ValueError(
+                f"monitor_margins names {unknown}, which the evaluation does not measure; measured: {metrics} "
+                "(add the reward to held_out_rewards, or set diversity: true for vendi_pixels)"
+            )
+        return self
 
 
 class RunConfig(Section):
@@ -238,7 +286,6 @@ def check_values(config: RunConfig, source: str = "<config>") -> None:
     Raises:
         ConfigError: naming the key (``env.window``, ``env.reward``) and the valid choices.
     """
-    from diffusion_gym.rewards import available_rewards
     from diffusion_gym.windows import make_window
 
     env = config.env
@@ -247,14 +294,56 @@ def check_values(config: RunConfig, source: str = "<config>") -> None:
         make_window(window, **env.window_kwargs).bind(config.sample.num_steps)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"invalid config {source}:\n  env.window / env.window_kwargs: {error}") from None
-    if env.reward not in available_rewards():
-        raise ConfigError(
-            f"invalid config {source}:\n  env.reward: unknown reward {env.reward!r}; "
-            f"valid choices: {available_rewards()}"
-        )
-    problem = reward_kwargs_problem(env.reward, env.reward_kwargs)
+    problem = reward_problem(env.reward, env.reward_kwargs)
     if problem:
-        raise ConfigError(f"invalid config {source}:\n  env.reward_kwargs: {problem}")
+        key, message = problem
+        raise ConfigError(f"invalid config {source}:\n  {key}: {message}")
+    for name, options in config.eval.held_out_rewards.items():
+        problem = reward_problem(name, options, "eval.held_out_rewards", f"eval.held_out_rewards.{name}")
+        if problem:
+            key, message = problem
+            raise ConfigError(f"invalid config {source}:\n  {key}: {message}")
+
+
+def reward_problem(
+    reward: str | dict[str, float],
+    kwargs: dict[str, Any],
+    reward_key: str = "env.reward",
+    kwargs_key: str = "env.reward_kwargs",
+) -> tuple[str, str] | None:
+    """What is wrong with a reward and its options (the key at fault and why), or ``None``.
+
+    ``reward`` is a registered name or a mapping of names to weights (whose ``kwargs`` hold
+    ``normalize``, ``eps`` and per name its options). Nothing is built: no weights are loaded.
+    """
+    from diffusion_gym.rewards import NORMALIZATIONS, available_rewards
+
+    names = [reward] if isinstance(reward, str) else list(reward)
+    if not names:
+        return reward_key, "a weighted reward needs at least one reward name, got an empty mapping"
+    for name in names:
+        if name not in available_rewards():
+            return reward_key, f"unknown reward {name!r}; valid choices: {available_rewards()}"
+    if isinstance(reward, str):
+        problem = reward_kwargs_problem(reward, kwargs)
+        return (f"{kwargs_key}", problem) if problem else None
+    options = dict(kwargs)
+    normalize = options.pop("normalize", "none")
+    options.pop("eps", None)
+    if normalize not in NORMALIZATIONS:
+        return f"{kwargs_key}.normalize", f"unknown {normalize!r}; valid choices: {list(NORMALIZATIONS)}"
+    for name, value in options.items():
+        if name not in names:
+            return (
+                f"{kwargs_key}",
+                f"{name!r} names no reward of the weighted sum; valid keys: normalize, eps, or one of {names}",
+            )
+        if not isinstance(value, dict):
+            return f"{kwargs_key}.{name}", f"expected a mapping of the reward's options, got {value!r}"
+        problem = reward_kwargs_problem(name, value)
+        if problem:
+            return f"{kwargs_key}.{name}", problem
+    return None
 
 
 def reward_kwargs_problem(reward: str, kwargs: dict[str, Any]) -> str | None:

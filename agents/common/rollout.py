@@ -46,6 +46,8 @@ class TransitionBatch(NamedTuple):
     """Advantage of the pair (its trajectory's, or its own with per-step advantages)."""
     cond_noise: Tensor | None = None
     """DRIFT's condition-noise direction of the pair's trajectory (``None`` when off)."""
+    start: Tensor | None = None
+    """Start step index ``k0`` of the pair's trajectory."""
 
 
 class Trajectories(NamedTuple):
@@ -236,6 +238,12 @@ class Rollout:
         rows = torch.arange(width, device=self.device)
         return (batch_of_block.view(-1, 1) * width + rows.view(1, -1)).reshape(-1)
 
+    def batch_chunks(self) -> list[Tensor]:
+        """The global pairs of each collected batch, in collection order (one optimizer step per batch)."""
+        batch = torch.div(self.pair_trajectories(), self.layout.width, rounding_mode="floor").cpu()
+        order = torch.arange(batch.numel())
+        return [order[batch == i] for i in range(len(self._groups))]
+
     def minibatches(self, positions: Tensor, batch_size: int) -> list[TransitionBatch]:
         """The stored pairs at ``positions`` (this process's), cut into minibatches of ``batch_size``."""
         if self.advantages is None and self.pair_advantages is None:
@@ -244,6 +252,7 @@ class Rollout:
         if len(self._cond_noise) > 1:
             self._cond_noise = [torch.cat(self._cond_noise)]
         cond_noise = self._cond_noise[0] if self._cond_noise else None
+        starts = self._cat(self._starts, self.device)
         out = []
         for idx in positions.to(self.device).split(batch_size):
             traj = flat["traj"][idx]
@@ -257,6 +266,7 @@ class Rollout:
                     log_prob=flat["log_prob"][idx],
                     advantages=per_pair if per_pair is not None else self.advantages[traj],  # type: ignore[index]
                     cond_noise=cond_noise[traj] if cond_noise is not None else None,
+                    start=starts[traj],
                 )
             )
         return out

@@ -19,6 +19,7 @@ VARD (:mod:`agents.vard`) are two; :mod:`agents.algorithms` maps a config's ``al
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -36,12 +37,14 @@ from diffusion_gym import metrics, sampling
 from diffusion_gym.conditions import ConditionSet, make_conditions
 from diffusion_gym.envs import DenoiseCore, DiffusionDenoiseVectorEnv
 from diffusion_gym.families import ModelFamily, load_family
+from diffusion_gym.rewards import evaluation_mode, weighted_rewards_of
 
 from ..prompt_following import prompt_following_metrics
 from .checkpoint import Checkpoint, CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
 from .checkpoint import save_checkpoint as _save_checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .distributed import DEFAULT_TIMEOUT_S, Distributed, init_distributed
+from .monitors import BaseKL, EvaluationMonitors
 from .policy import DiffusionPolicy
 from .run_dir import check_resume_config, check_run_dir, checkpoint_run_dir, prepare_run_dir
 
@@ -96,6 +99,8 @@ class TrainResult:
     """Fixed-noise evaluation reward of the base model: mean and standard error."""
     final_eval: metrics.MeanStd | None = None
     """The same after the last evaluated epoch."""
+    stopped_early: str | None = None
+    """Why the run stopped before ``num_epochs`` (the hacking monitor fired with ``eval.early_stop``)."""
 
     @property
     def base_eval_reward(self) -> float | None:
@@ -272,6 +277,7 @@ def fixed_noise_rewards(
     device: str | torch.device = "cpu",
     schedule: sampling.Schedule | None = None,
     conditions: ConditionSet | None = None,
+    base_kl: BaseKL | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample rewards ``(num_samples,)`` of images from fixed noise, and the images in ``[0, 1]``.
 
@@ -280,18 +286,22 @@ def fixed_noise_rewards(
     differences are paired). Conditions cycle over the env's conditions in order (``i % num_classes``;
     a text model's prompt list), and a latent model's samples are decoded by its VAE before the reward.
     ``schedule``: the evaluation chain (default: the policy's, the one it is trained on);
-    ``conditions``: the evaluation's conditions (default: the env's; e.g. held-out prompts).
+    ``conditions``: the evaluation's conditions (default: the env's; e.g. held-out prompts);
+    ``base_kl``: measures each sample's KL to the base model along the way (its denoiser runs the chain).
     """
     conditions = core.conditions if conditions is None else conditions
     ids = conditions.evaluation_ids(num_samples).to(device)
+    schedule = policy.schedule if schedule is None else schedule
+    denoiser = policy.denoiser() if base_kl is None else base_kl.start(policy.denoiser(), schedule)
     states = sampling.generate(
-        policy.denoiser(),
-        policy.schedule if schedule is None else schedule,
+        denoiser,
+        schedule,
         num_samples,
         core.sample_shape,
         conditions.denoiser_input(ids),
         seed=seed,
         device=device,
+        on_step=None if base_kl is None else base_kl.on_step,
     )
     images = core.decode(states)
     return core.reward_fn(images, conditions.reward_input(ids)).float().cpu(), images
@@ -305,9 +315,10 @@ def evaluate_policy(
     device: str | torch.device = "cpu",
     schedule: sampling.Schedule | None = None,
     conditions: ConditionSet | None = None,
+    base_kl: BaseKL | None = None,
 ) -> tuple[metrics.MeanStd, Tensor]:
     """Reward (mean, standard error) of :func:`fixed_noise_rewards`, and the images in ``[0, 1]``."""
-    rewards, images = fixed_noise_rewards(policy, core, num_samples, seed, device, schedule, conditions)
+    rewards, images = fixed_noise_rewards(policy, core, num_samples, seed, device, schedule, conditions, base_kl)
     return metrics.mean_and_standard_error(rewards), images
 
 
@@ -507,7 +518,10 @@ class OnPolicyRunner:
         context = RunContext(config, family, conditions, schedule, dist, generator, progress.phase)
         algo = self.algorithm_class(config, context)
         self._write_run_dir(dist, run_dir, checkpoint)
-        self._session = _Session(config, run_dir, algo, dist, family, progress, eval_conditions)
+        base = None
+        if config.eval.kl_to_base:  # a frozen copy of the weights before any training or resumed checkpoint
+            base = context.make_policy(copy.deepcopy(family.denoiser).requires_grad_(False))
+        self._session = _Session(config, run_dir, algo, dist, family, progress, eval_conditions, base)
         result = TrainResult(run_dir=run_dir)
         start = self._restore(checkpoint, result) if checkpoint is not None else 0
         last = config.num_epochs if self.stop_after is None else min(config.num_epochs, start + self.stop_after)
@@ -519,9 +533,14 @@ class OnPolicyRunner:
         for epoch in range(start, last):
             stats = self._epoch(epoch, result)
             progress.epoch_done(epoch, stats)
-            if (epoch + 1) % config.save_every == 0 or epoch + 1 == last:
+            stop = self._session.stop_reason
+            if (epoch + 1) % config.save_every == 0 or epoch + 1 == last or stop:
                 progress.phase("checkpoint")
                 self._session.save(epoch + 1, result)
+            if stop:
+                result.stopped_early = stop
+                progress.log(f"early stop after epoch {epoch + 1} (eval.early_stop): {stop}")
+                break
         progress.close()
         self._session.close(result)
         return result
@@ -558,6 +577,9 @@ class OnPolicyRunner:
         for tag, value in stats.scalars().items():
             writer.add_scalar(tag, value, step)
         session.algo.log_extra(writer, stats, step)
+        combined = weighted_rewards_of(session.algo.envs.core.reward_fn)
+        for name, value in (combined.pop_means() if combined is not None else {}).items():
+            writer.add_scalar(f"reward/{name}", value, step)
         writer.add_scalar("time/epoch_seconds", stats.seconds, step)
         if step % config.eval.every == 0 or step == config.num_epochs:
             session.progress.phase("evaluation")
@@ -659,7 +681,9 @@ class _Session:
         family: ModelFamily,
         progress: Progress,
         eval_conditions: ConditionSet | None = None,
+        base: DiffusionPolicy | None = None,
     ) -> None:
+        """``base``: the base model's policy, for the KL to it at every evaluation (``eval.kl_to_base``)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.config, self.run_dir, self.algo, self.dist, self.family = config, run_dir, algo, dist, family
@@ -671,6 +695,10 @@ class _Session:
         self.writer.add_text("config", "```yaml\n" + dump_config(config) + "```", 0)
         self.base_eval: metrics.MeanStd | None = None
         self.eval_schedule = evaluation_schedule(config, family)
+        self.monitors = EvaluationMonitors(config.eval, run_dir / "eval.jsonl")
+        self.base_kl = BaseKL(base) if base is not None else None
+        self.stop_reason: str | None = None
+        """Why the run stops before its last epoch (the hacking monitor fired), or ``None``."""
 
     def close(self, result: TrainResult) -> None:
         """Record the run's hyper-parameters with its final evaluation, and close the writer."""
@@ -683,32 +711,64 @@ class _Session:
         self.writer.close()
 
     def evaluate(self, step: int) -> metrics.MeanStd:
-        """Fixed-noise evaluation on rank 0 (logged, grid written, a line of ``eval.jsonl``), shared with every rank."""
-        e, core = self.config.eval, self.algo.envs.core
-        conditions = self.eval_conditions if self.eval_conditions is not None else core.conditions
-        mean_std = None
-        if self.dist.is_main:
-            policy, device = self.algo.policy, self.config.device
-            mean_std, images = evaluate_policy(
-                policy, core, e.num_samples, e.seed, device, self.eval_schedule, conditions
-            )
-            columns = grid_columns(conditions)
-            self.writer.add_image("eval/samples", grid_image(images, columns), step)
-            self.writer.add_scalar("eval/reward_mean", mean_std.mean, step)
-            extra = prompt_metrics(core.reward_fn, images, conditions, e.num_samples)
-            for name, value in extra.items():
-                self.writer.add_scalar(f"eval/prompt_{name}", value, step)
-            save_grid(images, self.run_dir / "samples" / f"epoch-{step:04d}.png", columns)
-            self._append_eval_line(step, mean_std, extra)
-        shared = metrics.MeanStd(*self.dist.broadcast_object(tuple(mean_std) if mean_std is not None else None))
+        """Fixed-noise evaluation on rank 0 (logged, grid written, a line of ``eval.jsonl``), shared with every rank.
+
+        Sets :attr:`stop_reason` when the hacking monitor fires with ``eval.early_stop``.
+        """
+        mean_std, fired = self._evaluate_main(step) if self.dist.is_main else (None, None)
+        shared, fired = self.dist.broadcast_object((tuple(mean_std) if mean_std is not None else None, fired))
+        shared = metrics.MeanStd(*shared)
+        if fired and self.config.eval.early_stop:
+            self.stop_reason = fired
         if step == 0:
             self.base_eval = shared
         return shared
 
-    def _append_eval_line(self, step: int, mean_std: metrics.MeanStd, extra: dict[str, float]) -> None:
-        """One JSON line per evaluation in ``eval.jsonl``: epoch, episodes, training seconds, reward, metrics."""
+    def _evaluate_main(self, step: int) -> tuple[metrics.MeanStd, str | None]:
+        """Rank 0's evaluation: reward, grid, prompt metrics, monitors; what fired the monitor (``None``: nothing)."""
+        e, core = self.config.eval, self.algo.envs.core
+        conditions = self.eval_conditions if self.eval_conditions is not None else core.conditions
+        with evaluation_mode(core.reward_fn):
+            mean_std, images = evaluate_policy(
+                self.algo.policy,
+                core,
+                e.num_samples,
+                e.seed,
+                self.config.device,
+                self.eval_schedule,
+                conditions,
+                self.base_kl,
+            )
+        columns = grid_columns(conditions)
+        self.writer.add_image("eval/samples", grid_image(images, columns), step)
+        self.writer.add_scalar("eval/reward_mean", mean_std.mean, step)
+        extra = prompt_metrics(core.reward_fn, images, conditions, e.num_samples)
+        for name, value in extra.items():
+            self.writer.add_scalar(f"eval/prompt_{name}", value, step)
+        ids = conditions.evaluation_ids(e.num_samples)
+        measured = self.monitors.measure(images, conditions.reward_input(ids), ids.tolist(), core.reward_fn)
+        if self.base_kl is not None:
+            measured["kl_to_base"], measured["kl_to_base_se"] = metrics.mean_and_standard_error(self.base_kl.result())
+        line = self._eval_line(step, mean_std, {**extra, **measured})
+        monitor = self.monitors.check(step, line)
+        for name, value in {**measured, **monitor}.items():
+            if not name.endswith("_se"):
+                self.writer.add_scalar(name if name.startswith("monitor/") else f"eval/{name}", value, step)
+        line["monitor_fired"] = list(self.monitors.fired)
+        save_grid(images, self.run_dir / "samples" / f"epoch-{step:04d}.png", columns)
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if not self.monitors.fired:
+            return mean_std, None
+        message = self.monitors.describe(step)
+        self.progress.log(message)
+        self.writer.add_text("monitor", message, step)
+        return mean_std, message
+
+    def _eval_line(self, step: int, mean_std: metrics.MeanStd, extra: dict[str, float]) -> dict[str, Any]:
+        """One evaluation's line of ``eval.jsonl``: epoch, episodes, training seconds, reward, metrics."""
         s = self.config.sample
-        line = {
+        return {
             "epoch": step,
             "episodes": step * s.num_envs * s.num_batches_per_epoch,
             "train_seconds": round(self.train_seconds, 3),
@@ -716,8 +776,6 @@ class _Session:
             "reward_se": mean_std.std,
             **{name: None if value != value else value for name, value in extra.items()},  # NaN (none asked): null
         }
-        with open(self.run_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
 
     def check_finite(self, epoch: int) -> None:
         """Raise :class:`TrainingDivergedError` if a trainable weight is NaN/Inf (before evaluating or saving)."""

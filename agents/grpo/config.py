@@ -38,8 +38,10 @@ class GRPOTrainConfig(TrainConfig):
     """The clipped update with group-relative advantages and a KL penalty to the base model."""
 
     advantage_mode: Literal["group"] = Field("group", description="GRPO: advantages within each prompt's group")
-    advantage_std: Literal["group", "batch"] = Field(
-        "batch", description="divide by the group's reward std or the batch's (Flow-GRPO: batch, its global_std)"
+    advantage_std: Literal["group", "group-sample", "batch"] = Field(
+        "batch",
+        description="divide by the group's reward std (group-sample: n - 1) or the batch's (Flow-GRPO: batch, its "
+        "global_std)",
     )
     kl_coef: float = Field(0.04, ge=0, description="β of KL(π_θ ‖ π_ref) to the base model (Flow-GRPO GenEval: 0.04)")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (Flow-GRPO: 1e-4)")

@@ -175,14 +175,11 @@ class ClippedUpdate:
         totals = _Sums(rollout.device)
         self.policy.train()
         for _ in range(t.num_inner_epochs):
-            order = torch.randperm(rollout.num_global_pairs, generator=self.generator)
-            if keep_pairs is not None:
-                order = order[keep_pairs[order].cpu()]
-            for chunk in order.tensor_split(t.gradient_updates_per_epoch):
+            for chunk in self._chunks(rollout, keep_pairs):
                 if chunk.numel() == 0:
                     continue
                 self._zero_grad()
-                mine, n = rollout.layout.owned(chunk), chunk.numel()
+                mine, n = rollout.layout.owned(chunk), self._normaliser(rollout, chunk)
                 part = self.micro_batch.run(
                     lambda size, mine=mine, n=n: self.chunk_gradient(rollout, mine, n, size), self._zero_grad
                 )
@@ -191,12 +188,43 @@ class ClippedUpdate:
         self.policy.eval()
         return {**totals.means(self.dist), "micro_batch_size": float(self.micro_batch.size)}
 
-    def chunk_gradient(self, rollout: Rollout, mine: Tensor, chunk_size: int, micro_batch: int) -> _Sums:
+    def _chunks(self, rollout: Rollout, keep_pairs: Tensor | None) -> list[Tensor]:
+        """The global pairs of each optimizer step: shuffled chunks, or each batch in collection order."""
+        t = self.train_config
+        if t.update_order == "batches":
+            chunks = rollout.batch_chunks()
+            return [c[keep_pairs[c].cpu()] for c in chunks] if keep_pairs is not None else chunks
+        order = torch.randperm(rollout.num_global_pairs, generator=self.generator)
+        if keep_pairs is not None:
+            order = order[keep_pairs[order].cpu()]
+        return list(order.tensor_split(t.gradient_updates_per_epoch))
+
+    def _normaliser(self, rollout: Rollout, chunk: Tensor) -> float:
+        """What a chunk's summed loss is divided by: its pairs, or its share of the trajectories.
+
+        ``trajectories`` (the HRF authors' sum over steps, mean over samples): the epoch's trajectories
+        over the optimizer steps (a batch's own trajectories with ``update_order: batches``).
+        """
+        t = self.train_config
+        if t.loss_reduction == "pairs":
+            return float(chunk.numel())
+        return rollout.num_trajectories * rollout.layout.world_size / t.gradient_updates_per_epoch
+
+    def _clip_scale(self, mb: Any) -> Tensor | float:
+        """``(K − k0) / K`` per pair with ``clip_scaling: remaining``, else 1."""
+        if self.train_config.clip_scaling != "remaining" or mb.start is None:
+            return 1.0
+        k = self.policy.schedule.num_steps
+        return ((k - mb.start).float() / k).to(mb.advantages.dtype)
+
+    def chunk_gradient(self, rollout: Rollout, mine: Tensor, chunk_size: float, micro_batch: int) -> _Sums:
         """Accumulate the gradient of the clipped PPO-IS loss over this process's pairs ``mine`` of a chunk.
 
         Per pair: ``ρ = exp(log π_θ − log π_old)``, loss ``max(−A·ρ, −A·clip(ρ, 1 ± ε))`` plus
         ``β · KL(π_θ ‖ π_ref)`` when a reference policy is kept; summed over the pairs and divided by
-        the (global) ``chunk_size``. The pairs go through the UNet ``micro_batch`` at a time.
+        ``chunk_size`` (the chunk's global pairs, or its share of the trajectories: ``train.loss_reduction``).
+        ε is ``clip_range``, times ``(K − k0) / K`` of the pair's trajectory with ``train.clip_scaling:
+        remaining``. The pairs go through the UNet ``micro_batch`` at a time.
         """
         t, policy, reference = self.train_config, self.policy, self.reference
         out = _Sums(rollout.device)
@@ -206,8 +234,9 @@ class ClippedUpdate:
             ratio = torch.exp(log_ratio)
             if out.first_dev is None:  # the chunk's first micro-batch (after the rollout: the ratio should be 1)
                 out.first_dev = (ratio.detach() - 1).abs().max()
+            eps = t.clip_range * self._clip_scale(mb)
             unclipped = -mb.advantages * ratio
-            clipped = -mb.advantages * torch.clamp(ratio, 1.0 - t.clip_range, 1.0 + t.clip_range)
+            clipped = -mb.advantages * torch.clamp(ratio, 1.0 - eps, 1.0 + eps)
             loss_per = torch.maximum(unclipped, clipped)
             if reference is not None and t.kl_coef > 0:
                 with torch.no_grad():
@@ -222,7 +251,7 @@ class ClippedUpdate:
             out.loss = out.loss + loss.detach()
             out.sums["loss"] += loss_per.detach().sum()
             out.sums["approx_kl"] += 0.5 * (log_ratio.detach() ** 2).sum()
-            out.sums["clipfrac"] += ((ratio.detach() - 1).abs() > t.clip_range).float().sum()
+            out.sums["clipfrac"] += ((ratio.detach() - 1).abs() > eps).float().sum()
             out.count += ratio.shape[0]
         return out
 
@@ -302,6 +331,10 @@ class PPOIS(Algorithm):
                 rollout, traj, self.tracker, t.advantage_mode, t.adv_clip_max, t.advantage_std
             )
         else:
+            clip: Tensor | float = t.adv_clip_max
+            if t.clip_scaling == "remaining":  # the HRF authors' clip_advantages · (K − k0) / K
+                k = self.policy.schedule.num_steps
+                clip = t.adv_clip_max * (k - traj.starts).float() / k
             rollout.set_advantages(
                 compute_advantages(
                     traj.rewards,
@@ -309,7 +342,7 @@ class PPOIS(Algorithm):
                     traj.conditions,
                     t.advantage_mode,
                     self.tracker,
-                    clip=t.adv_clip_max,
+                    clip=clip,
                     std=t.advantage_std,
                 )
             )

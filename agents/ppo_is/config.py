@@ -57,9 +57,26 @@ class TrainConfig(_Section):
     advantage_mode: Literal["auto", "group", "condition", "global"] = Field(
         "auto", description="auto: per reference for windows, per condition (tracked) for full"
     )
-    advantage_std: Literal["group", "batch"] = Field(
+    advantage_std: Literal["group", "group-sample", "batch"] = Field(
         "group",
-        description="group mode: divide by each group's reward std, or by the whole batch's (Flow-GRPO's global_std)",
+        description="group mode: divide by each group's reward std (population; group-sample: n - 1, the HRF "
+        "authors'), or by the whole batch's (Flow-GRPO's global_std)",
+    )
+    clip_scaling: Literal["none", "remaining"] = Field(
+        "none",
+        description="remaining: clip_range and adv_clip_max times (K - k0) / K of each trajectory's start step k0 "
+        "(the HRF authors')",
+    )
+    loss_reduction: Literal["pairs", "trajectories"] = Field(
+        "pairs",
+        description="pairs: the mean over a chunk's (sample, step) pairs; trajectories: summed over steps, averaged "
+        "over the trajectories of a chunk's share (the HRF authors')",
+    )
+    update_order: Literal["shuffled", "batches"] = Field(
+        "shuffled",
+        description="shuffled: pairs shuffled into gradient_updates_per_epoch chunks; batches: one optimizer step "
+        "per collected batch, in collection order (the HRF authors'; needs gradient_updates_per_epoch = "
+        "sample.num_batches_per_epoch)",
     )
     stat_buffer_size: int = Field(32, ge=1, description="per-condition tracker: rewards kept per condition")
     stat_min_count: int = Field(16, ge=1, description="per-condition tracker: rewards needed before own stats")
@@ -139,6 +156,23 @@ class Config(RunConfig):
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+
+    @model_validator(mode="after")
+    def _batches_are_the_updates(self) -> Config:
+        t, batches = self.train, self.sample.num_batches_per_epoch
+        if t.update_order == "batches" and t.gradient_updates_per_epoch != batches:
+            raise ValueError(
+                f"train.update_order: batches takes one optimizer step per collected batch: set "
+                f"train.gradient_updates_per_epoch to sample.num_batches_per_epoch ({batches}), got "
+                f"{t.gradient_updates_per_epoch}"
+            )
+        if t.clip_scaling == "remaining" and (self.drift.subset_fraction < 1 or self.drift.diversity_coef > 0):
+            raise ValueError(
+                "train.clip_scaling: remaining scales each trajectory's advantage clip, which DRIFT's subsets and "
+                "per-step advantages do not support: use clip_scaling: none with drift.subset_fraction < 1 or "
+                "drift.diversity_coef > 0"
+            )
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

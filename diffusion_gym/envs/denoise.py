@@ -245,8 +245,8 @@ class DenoiseCore:
         self.probe_schedule = sampling.make_schedule(self.scheduler, num_steps, eta=0.0, device=self.device)
         self.eta = eta
 
-        self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", "custom")
         self.reward_fn = make_reward(reward, **(reward_kwargs or {}))
+        self.reward_name = reward if isinstance(reward, str) else getattr(self.reward_fn, "name", "custom")
         self.set_denoiser(denoiser)
         self.references = self._references(references)
         self.window: WindowStrategy = make_window(window, **(window_kwargs or {}))
@@ -560,12 +560,18 @@ class DenoiseCore:
             "sde_window": self.sde_window.state_dict() if self.sde_window is not None else None,
             "sde_steps": self.sde_steps,
             "conditions": self.conditions.state_dict(),
+            "reward": self._reward_state(),
             "next_group": self._next_group,
             "episodes_since_batch": self._episodes_since_batch,
             "started": self.started,
             "episodes": {name: value.cpu() for name, value in episodes.items()},
             "k_host": k_host.cpu().numpy(),
         }
+
+    def _reward_state(self) -> Any:
+        """The reward's own state (a weighted reward's running statistics), or ``None``."""
+        get = getattr(self.reward_fn, "reward_state_dict", None)
+        return get() if callable(get) else None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (same global batch size and sample shape; a sharded core takes its block)."""
@@ -583,6 +589,8 @@ class DenoiseCore:
         if self.sde_window is not None and state.get("sde_steps") is not None:
             self._set_sde_steps(*state["sde_steps"])
         self.conditions.load_state_dict(state.get("conditions", {}))
+        if state.get("reward") is not None and hasattr(self.reward_fn, "load_reward_state_dict"):
+            self.reward_fn.load_reward_state_dict(state["reward"])
         self._next_group = int(state["next_group"])
         self._episodes_since_batch = int(state["episodes_since_batch"])
         self.started = bool(state["started"])
@@ -597,7 +605,8 @@ _ENV_DOC_ARGS = """
             ``"random:sd-tiny"``, a Stable Diffusion / SDXL pipeline folder or cached hub id for text
             to image), a loaded ``ModelFamily`` or a ``LoadedModel``.
         reward: a registered reward name (``"jpeg_compressibility"``, ``"jpeg_incompressibility"``,
-            ``"laion_aesthetic"``, ``"digit_confidence"``) or a callable
+            ``"laion_aesthetic"``, ``"digit_confidence"``, ``"remote"``…), a mapping of names to weights
+            (their weighted sum, :class:`~diffusion_gym.rewards.WeightedRewards`) or a callable
             ``(images in [0, 1], conditions) -> (B,) tensor``; ``conditions`` are class ids (``None``
             for an unconditional model) or, for a text-to-image model, the list of prompts.
         window: ``"full"`` (DDPO), ``"hrf"``, ``"hrf-baseline"``, ``"hrf-early"``, ``"hrf-later"``,
