@@ -168,6 +168,8 @@ def _run_train(args: argparse.Namespace) -> int:
             f"  fixed-noise eval reward ({config.env.reward}): base {result.base_eval_reward:.4f} -> "
             f"{result.final_eval_reward:.4f} after {last.epoch + 1} epochs"
         )
+    if result.stopped_early:
+        print(f"  stopped early: {result.stopped_early}")
     return 0
 
 
@@ -243,8 +245,6 @@ def _run_sample(args: argparse.Namespace) -> int:
     save_image(sampling.to_unit_range(x), out, nrow=nrow, padding=1, pad_value=0.5)
     what = f"{args.n} samples of {args.checkpoint or spec} ({args.steps} DDIM steps, eta {args.eta})"
     print(f"wrote {what} to {out.resolve()} in {seconds:.1f} s")
-    if result.stopped_early:
-        print(f"  stopped early: {result.stopped_early}")
     return 0
 
 
@@ -260,7 +260,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="MODEL",
         help="model specs (embedded:digits, a hub id, a diffusers folder) or training runs / checkpoints; "
-        "NAME=SPEC sets the file name and label",
+        "NAME=SPEC sets the file name and label; every model after the first is compared with the first "
+        "(reward change in SE, class agreement and IS before -> after)",
     )
     p.add_argument("--out", default="eval", help="directory for <name>.json (+ .npz arrays) (default eval/)")
     p.add_argument("--n", type=int, default=d.num_samples, help=f"samples per model (default {d.num_samples})")
@@ -289,7 +290,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from diffusion_gym.models import load_model
     from diffusion_gym.nets import load_metric_nets
 
-    from .evaluation import EvalSettings, evaluate_model, resolve_model_spec, write_evaluation
+    from .evaluation import (
+        EvalSettings,
+        comparison_line,
+        evaluate_model,
+        resolve_model_spec,
+        summary_line,
+        write_evaluation,
+    )
     from .paper import progress_note
 
     args.device = resolve_device(args.device)
@@ -314,6 +322,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
     )
     stage_start = time.perf_counter()
+    results: list[dict] = []
     for done, item in enumerate(args.models, start=1):
         name, _, spec = item.rpartition("=")
         name = name or Path(spec.rstrip("/")).name.replace(":", "_")
@@ -321,12 +330,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         result, arrays = evaluate_model(spec, settings, label=name, meta=meta, metric_nets=nets)
         path = write_evaluation(result, arrays, Path(args.out) / f"{name}.json")
-        rewards = ", ".join(f"{k} {v['mean']:.4f} ± {v['se']:.4f}" for k, v in result["rewards"].items())
-        print(
-            f"{name}: {rewards}; IS {result['inception_score']['mean']:.3f}; Vendi pixels {result['vendi_pixel']:.3f}, "
-            f"embeddings {result['vendi_embedding']['value']:.3f} ({time.perf_counter() - start:.0f} s) -> {path}"
-        )
+        print(f"{name}: {summary_line(result)} ({time.perf_counter() - start:.0f} s) -> {path}")
         print(f"  [{progress_note(done, len(args.models), time.perf_counter() - stage_start)}]", flush=True)
+        results.append(result)
+    for result in results[1:]:  # every model against the first (same noise, same conditions)
+        print(comparison_line(results[0], result))
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -216,6 +217,40 @@ def evaluate_model(
         arrays["conditions"] = conditions.numpy()
     arrays["images_uint8"] = (images[:100] * 255).round().to(torch.uint8).numpy()
     return result, arrays
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line of a model's evaluation: each reward ± SE, class agreement (digits), Inception Score, Vendi."""
+    parts = [", ".join(f"{k} {v['mean']:.4f} ± {v['se']:.4f}" for k, v in result["rewards"].items())]
+    if "class_agreement" in result:
+        parts.append(f"class agreement {100 * result['class_agreement']:.1f}%")
+    parts.append(f"IS {result['inception_score']['mean']:.2f}")
+    parts.append(f"Vendi pixels {result['vendi_pixel']:.3f}, embeddings {result['vendi_embedding']['value']:.3f}")
+    return "; ".join(parts)
+
+
+def comparison_line(baseline: dict[str, Any], result: dict[str, Any]) -> str:
+    """How ``result`` moved from ``baseline`` (both from the same evaluation noise): a line for people.
+
+    Each shared reward's change in units of the difference's standard error ``hypot(SE_a, SE_b)`` (the two
+    sample means taken as independent: conservative, as the samples are paired), then the class agreement and
+    the Inception Score before and after.
+    """
+    parts = []
+    for name, after in result["rewards"].items():
+        before = baseline["rewards"].get(name)
+        if before is None:
+            continue
+        se = math.hypot(before["se"], after["se"])
+        gain = after["mean"] - before["mean"]
+        z = gain / se if se > 0 else float("inf") if gain else 0.0
+        parts.append(f"{name} {before['mean']:.4f} -> {after['mean']:.4f} ({gain:+.4f}, {z:+.1f} SE)")
+    if "class_agreement" in baseline and "class_agreement" in result:
+        parts.append(
+            f"class agreement {100 * baseline['class_agreement']:.1f}% -> {100 * result['class_agreement']:.1f}%"
+        )
+    parts.append(f"IS {baseline['inception_score']['mean']:.2f} -> {result['inception_score']['mean']:.2f}")
+    return f"{result['label']} vs {baseline['label']}: " + "; ".join(parts)
 
 
 def write_evaluation(result: dict[str, Any], arrays: dict[str, np.ndarray], path: str | os.PathLike[str]) -> Path:

@@ -90,6 +90,7 @@ def test_expected_files_exist():
     expected |= {f"{v}_{r}.yaml" for v in ("sd15", "sdxl") for r in ("aesthetic", "jpeg_compressibility")}
     expected |= {"sd-tiny_prompt_color.yaml", "sd3-tiny_grpo_prompt_color.yaml", "digits-t2i_grpo_prompt_match.yaml"}
     expected |= {f"{m}_jpeg_compressibility.yaml" for m in ("sd35m_grpo", "sd35m_grpo-fast", "flux_grpo")}
+    expected |= {"digits_hrf-d_jpeg_compressibility_demo.yaml"}
     assert expected == {p.name for p in YAMLS}
     assert (CONFIG_DIR / "README.md").is_file()
     readme = (CONFIG_DIR / "README.md").read_text()
@@ -150,6 +151,13 @@ def test_digits_configs_differ_only_in_the_method_and_reward():
     for (a, ca), (b, cb) in itertools.combinations(configs.items(), 2):
         differing = {k for k in SCHEMA_KEYS if ca[k] != cb[k]}
         assert differing <= DIGITS_VARYING, f"{a} vs {b} differ in {sorted(differing - DIGITS_VARYING)}"
+
+
+def test_the_demo_config_is_the_hrf_d_config_with_a_gentler_learning_rate():
+    demo = _flat(load_config(CONFIG_DIR / "digits_hrf-d_jpeg_compressibility_demo.yaml"))
+    hrf_d = _flat(load_config(_name("hrf-d", "jpeg_compressibility")))
+    assert {k for k in SCHEMA_KEYS if demo[k] != hrf_d[k]} == {"num_epochs", "train.learning_rate", "eval.early_stop"}
+    assert (demo["num_epochs"], demo["train.learning_rate"], demo["eval.early_stop"]) == (8, 1e-4, True)
 
 
 @pytest.mark.parametrize("method", DIGITS_METHODS)

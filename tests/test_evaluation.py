@@ -234,3 +234,27 @@ def test_cli_evaluate_prints_progress_and_eta_per_model(tmp_path, capsys):
         assert main([*args, "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "[1/2, elapsed " in out and ", ETA " in out and "[2/2, elapsed " in out
+    assert "b vs a: jpeg_compressibility " in out  # the same model from the same noise: no change
+    assert "(+0.0000, +0.0 SE)" in out
+
+
+def test_comparison_line_gives_the_change_in_standard_errors_and_the_guards_before_and_after():
+    def result(label, mean, se, agreement, score):
+        return {
+            "label": label,
+            "rewards": {"jpeg_compressibility": {"mean": mean, "se": se}},
+            "class_agreement": agreement,
+            "inception_score": {"mean": score},
+            "vendi_pixel": 2.0,
+            "vendi_embedding": {"value": 7.0},
+        }
+
+    base, tuned = result("base", -0.4830, 0.0003, 1.0, 9.95), result("demo", -0.4780, 0.0004, 0.95, 9.1)
+    line = evaluation.comparison_line(base, tuned)
+    # gain 0.005 over hypot(0.0003, 0.0004) = 0.0005: +10 SE
+    assert line == (
+        "demo vs base: jpeg_compressibility -0.4830 -> -0.4780 (+0.0050, +10.0 SE); "
+        "class agreement 100.0% -> 95.0%; IS 9.95 -> 9.10"
+    )
+    summary = evaluation.summary_line(tuned)
+    assert summary.startswith("jpeg_compressibility -0.4780 ± 0.0004; class agreement 95.0%; IS 9.10")

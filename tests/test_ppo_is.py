@@ -1,6 +1,7 @@
 """PPO-IS trainer: exact log-prob recomputation, exact resume, NaN safety, learning, CLI."""
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -76,16 +77,19 @@ def test_paper_configs_need_weights_and_say_so(tmp_path):
         train(config, run_dir=tmp_path, progress=False)
 
 
-def test_it_learns_jpeg_compressibility_on_fixed_noise(tmp_path):
-    """The shipped HRF-D config for the 8 epochs of `make demo`: the fixed-noise reward rises far beyond its
-    standard error (~0.0014 kB); measured +0.0165 kB (−0.4830 → −0.4665) on the 2-core development
-    machine, +0.0212 on an earlier one (12 epochs, as scripts/learning_check.py: +0.038)."""
-    config = load_config(
-        "envs_configs/digits_hrf-d_jpeg_compressibility.yaml", ["num_epochs=8", "eval.every=8", "save_every=8"]
-    )
+def test_the_demo_config_learns_jpeg_compressibility_and_keeps_the_digits(tmp_path):
+    """`make demo`'s config (8 epochs of HRF-D at lr 1e-4): the fixed-noise reward rises far beyond its standard
+    error (~0.0013 kB on 64 samples, and the samples are paired) while the held-out classifier still recognises
+    the digits. Measured on the 2-core development machine: +0.0063 kB (−0.4830 → −0.4767), digit confidence
+    0.981 (base 0.9996); the aggressive lr 5e-4 of the paper study: +0.0165 kB, confidence 0.42."""
+    config = load_config("envs_configs/digits_hrf-d_jpeg_compressibility_demo.yaml", ["eval.every=8", "save_every=8"])
     result = train(config, run_dir=tmp_path, progress=False)
     gain = result.final_eval_reward - result.base_eval_reward
-    assert gain > 0.01, f"fixed-noise reward moved by {gain:+.4f} kB only"
+    assert gain > 0.003, f"fixed-noise reward moved by {gain:+.4f} kB only"
+    evaluations = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evaluations] == [0, 8]
+    assert evaluations[-1]["held_out/digit_confidence"] > 0.9
+    assert evaluations[-1]["monitor_fired"] == [] and result.stopped_early is None
 
 
 def test_cli_train_then_sample_from_the_checkpoint(tmp_path, capsys):
