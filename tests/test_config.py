@@ -90,7 +90,7 @@ def test_expected_files_exist():
     expected |= {f"{v}_{r}.yaml" for v in ("sd15", "sdxl") for r in ("aesthetic", "jpeg_compressibility")}
     expected |= {"sd-tiny_prompt_color.yaml", "sd3-tiny_grpo_prompt_color.yaml", "digits-t2i_grpo_prompt_match.yaml"}
     expected |= {f"{m}_jpeg_compressibility.yaml" for m in ("sd35m_grpo", "sd35m_grpo-fast", "flux_grpo")}
-    expected |= {"digits_hrf-d_jpeg_compressibility_demo.yaml"}
+    expected |= {"digits_hrf-d_jpeg_compressibility_demo.yaml", "digits_hrf_jpeg_compressibility_authors.yaml"}
     assert expected == {p.name for p in YAMLS}
     assert (CONFIG_DIR / "README.md").is_file()
     readme = (CONFIG_DIR / "README.md").read_text()
@@ -158,6 +158,27 @@ def test_the_demo_config_is_the_hrf_d_config_with_a_gentler_learning_rate():
     hrf_d = _flat(load_config(_name("hrf-d", "jpeg_compressibility")))
     assert {k for k in SCHEMA_KEYS if demo[k] != hrf_d[k]} == {"num_epochs", "train.learning_rate", "eval.early_stop"}
     assert (demo["num_epochs"], demo["train.learning_rate"], demo["eval.early_stop"]) == (8, 1e-4, True)
+
+
+def test_the_authors_config_is_the_hrf_config_with_the_authors_conventions():
+    authors = _flat(load_config(CONFIG_DIR / "digits_hrf_jpeg_compressibility_authors.yaml"))
+    hrf = _flat(load_config(_name("hrf", "jpeg_compressibility")))
+    changed = {k: authors[k] for k in SCHEMA_KEYS if authors[k] != hrf[k]}
+    assert changed == {
+        "sample.num_envs": 4,
+        "sample.num_batches_per_epoch": 16,  # 16 x 4 = the HRF file's 64 episodes per epoch
+        "env.window_kwargs": {"batches_per_iteration": 16, "end_inclusive": False, "cycle": False},
+        "env.references": "model",
+        "train.learning_rate": 1.25e-4,
+        "train.max_grad_norm": 1.0,
+        "train.gradient_updates_per_epoch": 16,
+        "train.adv_clip_max": 2.5,
+        "train.advantage_std": "group-sample",
+        "train.clip_scaling": "remaining",
+        "train.loss_reduction": "trajectories",
+        "train.update_order": "batches",
+    }
+    assert authors["sample.samples_per_reference"] == authors["sample.num_envs"]  # one reference per batch
 
 
 @pytest.mark.parametrize("method", DIGITS_METHODS)

@@ -519,7 +519,8 @@ class OnPolicyRunner:
         algo = self.algorithm_class(config, context)
         self._write_run_dir(dist, run_dir, checkpoint)
         base = None
-        if config.eval.kl_to_base:  # a frozen copy of the weights before any training or resumed checkpoint
+        if config.eval.kl_to_base and dist.is_main:  # evaluation runs on rank 0: a frozen copy of the weights
+            # before any training or resumed checkpoint
             base = context.make_policy(copy.deepcopy(family.denoiser).requires_grad_(False))
         self._session = _Session(config, run_dir, algo, dist, family, progress, eval_conditions, base)
         result = TrainResult(run_dir=run_dir)
