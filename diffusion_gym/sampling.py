@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -590,8 +590,8 @@ def log_prob(x_prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return torch.where(zero.flatten(1).all(dim=1), torch.zeros_like(lp), lp)
 
 
-def kl_same_std(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
-    """``KL(N(μ, σ²) ‖ N(μ_ref, σ²))`` per sample, averaged over pixels: ``mean((μ − μ_ref)² / 2σ²)``.
+def kl_same_std(mean: Tensor, ref_mean: Tensor, std: Tensor, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+    """``KL(N(μ, σ²) ‖ N(μ_ref, σ²))`` per sample: ``mean((μ − μ_ref)² / 2σ²)`` over the image's dimensions.
 
     The KL of a policy step to a reference model's step at the same state (both Gaussians share
     the scheduler's σ). Deterministic steps (σ = 0) have KL 0.
@@ -600,10 +600,16 @@ def kl_same_std(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
         mean: ``(B, …)`` the policy's means.
         ref_mean: ``(B, …)`` the reference's means.
         std: σ, broadcastable to ``mean`` with a leading batch dimension.
+        reduction: ``mean`` over the dimensions (the scale of the per-pixel log-probs, PPO-IS's
+            ``kl_coef`` and ``eval/kl_to_base``) or ``sum``: the Gaussian KL of the whole sample,
+            ``D`` times larger for ``D`` dimensions (VARD's, next to a per-sample value).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     zero = std == 0
     safe = torch.where(zero, torch.ones_like(std), std)
-    kl = ((mean - ref_mean) ** 2 / (2 * safe**2)).flatten(1).mean(1)
+    per_dim = ((mean - ref_mean) ** 2 / (2 * safe**2)).flatten(1)
+    kl = per_dim.mean(1) if reduction == "mean" else per_dim.sum(1)
     return torch.where(zero.flatten(1).all(1), torch.zeros_like(kl), kl)
 
 

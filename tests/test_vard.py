@@ -78,6 +78,54 @@ def test_kl_to_reference_known_values():
     mean, ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     std = torch.tensor([0.5, 0.0]).view(2, 1, 1, 1)
     torch.testing.assert_close(sampling.kl_same_std(mean, ref, std), torch.tensor([2.0, 0.0]))  # 1/(2·0.25); σ=0 → 0
+    summed = sampling.kl_same_std(mean, ref, std, reduction="sum")  # the whole sample's KL: 4 dimensions
+    torch.testing.assert_close(summed, torch.tensor([8.0, 0.0]))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'max'"):
+        sampling.kl_same_std(mean, ref, std, reduction="max")
+
+
+def _vard(path, overrides):
+    """A VARD trainer built from a config file, as the runner builds it (no training)."""
+    from agents.algorithms import load_run_config
+    from agents.common.distributed import Distributed
+    from agents.common.runner import RunContext
+    from agents.vard.algorithm import VARD
+    from diffusion_gym.conditions import make_conditions
+    from diffusion_gym.families import load_family
+
+    config = load_run_config(path, overrides, algo="vard")
+    family = load_family(config.model, device="cpu")
+    conditions = make_conditions(family, config.env.prompts)
+    schedule = sampling.make_schedule(family.scheduler, config.sample.num_steps, config.sample.eta, "cpu")
+    run = RunContext(config, family, conditions, schedule, Distributed(), torch.Generator().manual_seed(0))
+    return VARD(config, run), conditions
+
+
+def test_vards_kl_is_the_whole_samples_kl_by_default():
+    """``train.kl_reduction: sum`` weighs the step KL D = 256 times the per-pixel mean on the 16×16 digits."""
+    from agents.vard.algorithm import _unroll
+
+    path = CONFIGS / "digits_vard_jpeg_compressibility.yaml"
+    assert load_vard_config(path).train.kl_reduction == "sum"
+    with pytest.raises(ConfigError, match=r"train.kl_reduction: Input should be 'sum' or 'mean'"):
+        load_vard_config(path, ["train.kl_reduction=pixels"])
+    kl = {}
+    for reduction in ("sum", "mean"):
+        algo, _ = _vard(path, ["sample.num_steps=4", f"train.kl_reduction={reduction}"])
+        with torch.no_grad():  # the policy moves away from the frozen base copy
+            for p in algo.policy.trainable_parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        n = 3
+        starts = ValueData(
+            x=torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(1)),
+            t=torch.zeros(n),
+            k=torch.tensor([0, 1, 2]),
+            c=torch.tensor([1, 4, 7]),
+            target=torch.zeros(n),
+        )
+        kl[reduction] = _unroll(algo.policy, algo.reference, algo.value, starts, algo.config, torch.Generator())[2]
+    assert bool((kl["mean"] > 0).all())
+    torch.testing.assert_close(kl["sum"], 256 * kl["mean"], rtol=1e-4, atol=0)
 
 
 def test_vard_raises_a_reward_on_the_embedded_model_and_checkpoints(tmp_path):
@@ -152,19 +200,7 @@ def test_a_prompt_conditioned_value_separates_prompts_an_unconditional_one_canno
 
 def test_vard_on_the_embedded_text_model_reads_the_prompt():
     """The value of a text-to-image run is conditioned on the prompts' pooled embeddings, by prompt id."""
-    from agents.algorithms import load_run_config
-    from agents.common.distributed import Distributed
-    from agents.common.runner import RunContext
-    from agents.vard.algorithm import VARD
-    from diffusion_gym.conditions import make_conditions
-    from diffusion_gym.families import load_family
-
-    config = load_run_config(CONFIGS / "digits-t2i_vard_prompt_match.yaml", ["sample.num_envs=8"], algo="vard")
-    family = load_family(config.model, device="cpu")
-    conditions = make_conditions(family, config.env.prompts)
-    schedule = sampling.make_schedule(family.scheduler, config.sample.num_steps, config.sample.eta, "cpu")
-    run = RunContext(config, family, conditions, schedule, Distributed(), torch.Generator().manual_seed(0))
-    algo = VARD(config, run)
+    algo, conditions = _vard(CONFIGS / "digits-t2i_vard_prompt_match.yaml", ["sample.num_envs=8"])
     ids = torch.tensor(conditions.book.ids(["a thin 3", "a bold 3"]))
     pooled = conditions.encode(ids).pooled
     assert algo.value.condition_proj is not None and algo.value.condition_proj.in_features == pooled.shape[-1]

@@ -11,11 +11,13 @@ Per epoch:
    steps only), unroll ``train.backprop_steps`` denoising steps of the policy with the
    reparameterised sample ``x_{k+1} = μ_θ(x_k) + σ_k z`` and maximise, per unrolled step,
 
-       V̂(c, t_{k+1}, x_{k+1}) − β · mean((μ_θ − μ_base)² / 2σ_k²)
+       V̂(c, t_{k+1}, x_{k+1}) − β · sum((μ_θ − μ_base)² / 2σ_k²)
 
    where ``V̂`` is the value in normalised units (the reward's scale does not set the learning
-   rate) and the second term is the KL of the step's Gaussian to the frozen base model's (as
-   PPO-IS's ``kl_coef``; deterministic σ = 0 steps carry no KL and are never start states). The
+   rate) and the second term is the KL of the step's Gaussian to the frozen base model's, summed
+   over the image's dimensions like the per-sample value (``train.kl_reduction: mean`` averages
+   instead, as PPO-IS's ``kl_coef``: D times weaker, and on the 16×16 digits too weak to keep
+   the model; deterministic σ = 0 steps carry no KL and are never start states). The
    gradient of the value flows through the image into the UNet: truncated back-propagation through
    ``backprop_steps`` steps instead of the whole chain, which the dense value makes sufficient.
 4. **Log** to TensorBoard (reward, value loss and explained variance, objective, KL); the runner
@@ -252,7 +254,7 @@ def _unroll(
             assert reference is not None
             with torch.no_grad():
                 ref_mean = sampling.step_mean(reference.model_output(x, kc, c), x, kc, schedule)
-            kl = sampling.kl_same_std(step.mean, ref_mean, step.std)
+            kl = sampling.kl_same_std(step.mean, ref_mean, step.std, reduction=t.kl_reduction)
             kl = torch.where(deterministic[kc], torch.zeros_like(kl), kl)
         else:
             kl = torch.zeros_like(v_next)

@@ -44,7 +44,12 @@ class VardTrainConfig(_Section):
     backprop_steps: int = Field(
         1, ge=1, description="denoising steps unrolled with gradient from each start state (truncation)"
     )
-    kl_coef: float = Field(0.1, ge=0, description="weight of the per-step KL(π_θ ‖ π_base), 0: off")
+    kl_coef: float = Field(0.1, ge=0, description="β, weight of the per-step KL(π_θ ‖ π_base), 0: off")
+    kl_reduction: Literal["sum", "mean"] = Field(
+        "sum",
+        description="the KL of the whole sample (sum over its dimensions, on the per-sample value's scale) or its "
+        "mean over the dimensions (D times weaker: 256x on 16x16 digits; the collapse study's setting)",
+    )
 
 
 class VardConfig(RunConfig):
