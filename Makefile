@@ -46,7 +46,7 @@ paper: $(STAMP)
 	DIFFUSION_GYM_MAKE_PAPER=1 $(BIN)/diffusion-gym paper --config envs_configs/paper_digits.yaml
 
 # VARD and DRIFT on the same budget and evaluation, next to the committed DDPO/HRF/HRF-D rows of `make paper`
-# (docs/results/paper_digits_beyond/): 2 methods x 2 rewards x 3 seeds; finished runs are skipped on re-runs.
+# (docs/results/paper_digits_beyond/): 2 methods x 2 rewards x 3 seeds + the VARD beta sweep (4 runs); finished runs are skipped.
 paper-beyond: $(STAMP)
 	DIFFUSION_GYM_MAKE_PAPER=paper-beyond $(BIN)/diffusion-gym paper --config envs_configs/paper_digits_beyond.yaml
 

@@ -88,6 +88,25 @@ class PromptFollowingSection(_Strict):
     diversity_floor: float = Field(0.7, ge=0, le=1, description="guard: Vendi >= this fraction of the base's")
 
 
+class SweepSection(_Strict):
+    """One config key of one method swept over values on one task (e.g. VARD's KL weight β).
+
+    Each value is a run per seed named ``<method>@<leaf>=<value>`` (``vard@kl_coef=0.1``); the report
+    draws reward gain vs diversity kept, one point per value, and tabulates them. Sweep runs stay out
+    of the method tables: tune on other seeds than the reported ones.
+    """
+
+    method: str = Field(..., description="the study method whose config is swept")
+    key: str = Field(..., description="dotted config key, as --set takes it (train.kl_coef)")
+    values: list[float] = Field(..., min_length=1, description="the values, each a run per seed")
+    reward: str = Field(..., description="the task the sweep trains on (one of the study's rewards)")
+    seeds: list[int] = Field([], description="the sweep's seeds ([] = the study's)")
+
+    def name(self, value: float) -> str:
+        """The sweep point's method name: ``<method>@<leaf>=<value>``."""
+        return f"{self.method}@{self.key.rsplit('.', 1)[-1]}={value:g}"
+
+
 COMPARED_SETTINGS = ("num_samples", "seed", "num_steps", "eta", "scheduler", "pixel_size", "is_splits", "metric_nets")
 """Evaluation settings that must be equal for an earlier study's evaluations to join this study's rows."""
 
@@ -113,6 +132,7 @@ class StudyConfig(_Strict):
     prompt_following: PromptFollowingSection | None = Field(
         None, description="set: a prompt-following study, reported from each run's eval.jsonl (no evaluate stage)"
     )
+    sweep: SweepSection | None = Field(None, description="one key of one method swept on one task")
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -147,6 +167,11 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
             f"{path}: a prompt_following study has no injection stage or compared evaluations: set injection: null "
             "and compare_with: []"
         )
+    if study.sweep is not None and (study.sweep.method not in study.methods or study.sweep.reward not in study.rewards):
+        raise ConfigError(
+            f"{path}: sweep.method {study.sweep.method!r} / sweep.reward {study.sweep.reward!r} must be one of the "
+            f"methods {list(study.methods)} / rewards {list(study.rewards)}"
+        )
     if study.injection is not None and study.injection.method not in study.methods:
         raise ConfigError(
             f"{path}: injection.method {study.injection.method!r} is not one of the methods {list(study.methods)}"
@@ -162,6 +187,15 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
                 load_run_config(config, _overrides(study, method, study.seeds[0]), algo=spec.algo)
             except ConfigError as error:
                 raise ConfigError(f"{path}: methods.{method} (algo {spec.algo}): {error}") from None
+    if study.sweep is not None:
+        sweep = study.sweep
+        spec = study.methods[sweep.method]
+        for value in sweep.values:
+            name = sweep.name(value)
+            try:
+                load_run_config(spec.config.format(reward=sweep.reward), _overrides(study, name, 0), algo=spec.algo)
+            except ConfigError as error:
+                raise ConfigError(f"{path}: sweep {name}: {error}") from None
     for item in study.compare_with:
         if not Path(item).is_file():
             raise ConfigError(f"{path}: compare_with: {item} does not exist")
@@ -238,15 +272,51 @@ def _finished(run_dir: Path, num_epochs: int) -> bool:
     return found is not None and json.loads((found / "meta.json").read_text()).get("epoch") == num_epochs
 
 
-def _overrides(study: StudyConfig, method: str, seed: int) -> list[str]:
-    return [*study.overrides, *study.method_overrides.get(method, []), f"seed={seed}", f"model={study.base_model}"]
+def _method_of(study: StudyConfig, name: str) -> tuple[str, list[str]]:
+    """A run's study method and its sweep override (``[]`` for a method's own runs)."""
+    sweep = study.sweep
+    if sweep is not None and name not in study.methods:
+        value = next(v for v in sweep.values if sweep.name(v) == name)
+        return sweep.method, [f"{sweep.key}={value!r}"]
+    return name, []
 
 
-def _train_command(study: StudyConfig, method: str, reward: str, seed: int, run_dir: Path) -> list[str]:
-    spec = study.methods[method]
+def _overrides(study: StudyConfig, name: str, seed: int) -> list[str]:
+    method, swept = _method_of(study, name)
+    return [
+        *study.overrides,
+        *study.method_overrides.get(method, []),
+        *swept,
+        f"seed={seed}",
+        f"model={study.base_model}",
+    ]
+
+
+def planned_runs(study: StudyConfig, out: Path) -> dict[tuple[str, str, int], Path]:
+    """Every run of the study, ``(method, reward, seed) -> run directory``: methods first, then the sweep."""
+    keys = [(m, r, s) for r in study.rewards for m in study.methods for s in study.seeds]
+    if study.sweep is not None:
+        sweep = study.sweep
+        keys += [(sweep.name(v), sweep.reward, s) for v in sweep.values for s in sweep.seeds or study.seeds]
+    return {(m, r, s): out / "runs" / _run_name(m, r, s) for m, r, s in keys}
+
+
+def _run_meta(study: StudyConfig, name: str, reward: str, seed: int) -> dict[str, Any]:
+    """What an evaluation records of its run (a sweep run also its method, key and value)."""
+    meta: dict[str, Any] = {"method": name, "task": reward, "seed": seed}
+    method, swept = _method_of(study, name)
+    if swept:
+        assert study.sweep is not None
+        value = float(swept[0].split("=", 1)[1])
+        meta["sweep"] = {"method": method, "key": study.sweep.key, "value": value}
+    return meta
+
+
+def _train_command(study: StudyConfig, name: str, reward: str, seed: int, run_dir: Path) -> list[str]:
+    spec = study.methods[_method_of(study, name)[0]]
     cmd = [sys.executable, "-m", "agents.cli", "train", "--algo", spec.algo]
     cmd += ["--config", spec.config.format(reward=reward), "--run-dir", str(run_dir), "--no-progress"]
-    for o in _overrides(study, method, seed):
+    for o in _overrides(study, name, seed):
         cmd += ["--set", o]
     return cmd
 
@@ -255,21 +325,15 @@ def train_stage(study: StudyConfig, out: Path, timings: Timings, log: Any = prin
     """Train every (method, reward, seed) that has not finished; returns the run directories."""
     from .algorithms import load_run_config
 
-    runs: dict[tuple[str, str, int], Path] = {}
+    runs = planned_runs(study, out)
     todo = []
-    for reward in study.rewards:
-        for method in study.methods:
-            for seed in study.seeds:
-                run_dir = out / "runs" / _run_name(method, reward, seed)
-                runs[(method, reward, seed)] = run_dir
-                cmd = _train_command(study, method, reward, seed, run_dir)
-                algo = study.methods[method].algo
-                path = study.methods[method].config.format(reward=reward)
-                config = load_run_config(path, _overrides(study, method, seed), algo=algo)
-                if _finished(run_dir, config.num_epochs):
-                    log(f"  train {run_dir.name}: done already, skipped")
-                else:
-                    todo.append((run_dir, cmd, algo, config))
+    for (name, reward, seed), run_dir in runs.items():
+        spec = study.methods[_method_of(study, name)[0]]
+        config = load_run_config(spec.config.format(reward=reward), _overrides(study, name, seed), algo=spec.algo)
+        if _finished(run_dir, config.num_epochs):
+            log(f"  train {run_dir.name}: done already, skipped")
+        else:
+            todo.append((run_dir, _train_command(study, name, reward, seed, run_dir), spec.algo, config))
     threads = max(1, (os.cpu_count() or 1) // study.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     finished, lock, stage_start = [0], threading.Lock(), time.perf_counter()  # runs done, for the ETA
@@ -326,7 +390,7 @@ def evaluate_stage(
         rewards=list(study.rewards),
     )
     items = [("base", study.base_model, {"method": "base"})]
-    items += [(run_dir.name, str(run_dir), {"method": m, "task": r, "seed": s}) for (m, r, s), run_dir in runs.items()]
+    items += [(run_dir.name, str(run_dir), _run_meta(study, *key)) for key, run_dir in runs.items()]
     nets = None
     paths = [out / "eval" / f"{name}.json" for name, _, _ in items]
     todo = [(item, path) for item, path in zip(items, paths, strict=True) if not path.is_file()]
@@ -445,7 +509,16 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
     out = Path(study.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings = Timings(out / "timings.json")
-    log(f"study {config_path}: {len(study.methods)} methods × {len(study.rewards)} rewards × {len(study.seeds)} seeds")
+    sweep = study.sweep
+    swept = (
+        f" + {sweep.method}'s {sweep.key} at {len(sweep.values)} values × {len(sweep.seeds or study.seeds)} seeds"
+        if sweep
+        else ""
+    )
+    log(
+        f"study {config_path}: {len(study.methods)} methods × {len(study.rewards)} rewards × {len(study.seeds)} seeds"
+        + swept
+    )
 
     def timed(stage: str, fn: Any, *args: Any) -> Any:
         """Run a stage; its wall-clock time is recorded when it did any work."""
@@ -459,12 +532,7 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
     if "train" in wanted:
         runs = timed("train", train_stage, study, out, timings, log)
     else:
-        runs = {
-            (m, r, s): out / "runs" / _run_name(m, r, s)
-            for r in study.rewards
-            for m in study.methods
-            for s in study.seeds
-        }
+        runs = planned_runs(study, out)
     if "evaluate" in wanted and study.prompt_following is None:  # prompt-following runs evaluate themselves
         timed("evaluate", evaluate_stage, study, runs, out, timings, log)
     injections = timed("injection", injection_stage, study, runs, out, timings, log) if "injection" in wanted else {}
@@ -472,7 +540,7 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
         return out
     if study.prompt_following is not None:
         return prompt_report_stage(study, config_path, runs, timings, log)
-    return report_stage(study, config_path, out, timings, injections, log)
+    return report_stage(study, config_path, out, timings, injections, log, runs)
 
 
 def _report_header(config_path: str | os.PathLike[str], timings: Timings) -> list[str]:
@@ -521,6 +589,26 @@ def prompt_report_stage(
     return path
 
 
+FRONT_METRICS = {"vendi_pixels": "within-class pixel Vendi", "held_out/digit_confidence": "digit confidence"}
+"""``eval.jsonl`` fields drawn against the reward along training (when a study's runs evaluate along the way)."""
+
+
+def front_sections(study: StudyConfig, runs: dict[tuple[str, str, int], Path], report_dir: Path) -> list[str]:
+    """The fronts of each task's method runs (sweep runs left out); none when a run evaluated fewer than 3 times."""
+    from .fronts import front_lines
+    from .prompt_report import read_run
+
+    lines: list[str] = []
+    for reward in study.rewards:
+        mine = [(m, s, path) for (m, r, s), path in runs.items() if r == reward and m in study.methods]
+        curves = [read_run(path, m, s) for m, s, path in mine if (path / "eval.jsonl").is_file()]
+        if not curves or len(curves) < len(mine) or min(len(c.rows) for c in curves) < 3:
+            continue  # evaluated only at the end (eval.every = num_epochs): no front to draw
+        titles = {k: t for k, t in FRONT_METRICS.items() if curves[0].rows[0].get(k) is not None}
+        lines += front_lines(curves, titles, report_dir, heading=f"Fronts: {reward}", figure=f"fronts_{reward}.png")
+    return lines
+
+
 def report_stage(
     study: StudyConfig,
     config_path: str | os.PathLike[str],
@@ -528,6 +616,7 @@ def report_stage(
     timings: Timings,
     injections: dict[str, Any],
     log: Any = print,
+    runs: dict[tuple[str, str, int], Path] | None = None,
 ) -> Path:
     """Write the study's report (with any ``compare_with`` rows) and the per-model metrics next to it."""
     from .report import merge_results, write_report
@@ -559,6 +648,7 @@ def report_stage(
         injections=injections,
         timings=timings.items,
         extra=compared,
+        notes=front_sections(study, runs if runs is not None else planned_runs(study, out), report_dir),
     )
     timings.add("report", "report", time.perf_counter() - tic)
     # the per-model metrics travel with the report (the arrays stay in out_dir); compared ones say where from

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .report import _plt, markdown_table
+from .report import _plt, markdown_table, save_figure
 
 
 def _num(row: dict[str, Any], key: str) -> float:
@@ -99,14 +99,16 @@ def first_reach(run: Run, target: float, guards: Guards) -> dict[str, float] | N
     return None
 
 
-def at_crossing(run: Run, level: float, key: str, guards: Guards | None = None) -> float | None:
-    """``key`` where the accuracy curve first rises through ``level`` (linear interpolation); ``None`` if never.
+def at_crossing(
+    run: Run, level: float, key: str, guards: Guards | None = None, x_key: str = "accuracy"
+) -> float | None:
+    """``key`` where the ``x_key`` curve first rises through ``level`` (linear interpolation); ``None`` if never.
 
     A curve that starts at or above ``level`` crosses it at its first point. With ``guards``, a
     crossing whose evaluation at or just after it breaks a guard does not count (``None``): a hacked
     model's diversity is not the diversity at that accuracy.
     """
-    acc, values = run.column("accuracy"), run.column(key)
+    acc, values = run.column(x_key), run.column(key)
     crossing = next((i for i in range(len(acc)) if acc[i] >= level), None)
     if crossing is None or (guards is not None and guards.failed(run.rows[crossing], run.rows[0])):
         return None
@@ -163,6 +165,26 @@ def summarize(runs: list[Run], target: float, levels: list[float], guards: Guard
     return methods
 
 
+def best_and_runner_up(values: dict[str, tuple[float, float, int]], higher: bool = True, label: str = "") -> str:
+    """``"<best> (<label><mean ± se>, n seeds), ahead of <second> by <diff> (<z> SE: …)"`` over methods with a value.
+
+    ``values``: per method ``(mean, se, n)`` as :func:`mean_se` gives; methods with ``n = 0`` are left out.
+    """
+    have = {m: v for m, v in values.items() if v[2]}
+    if not have:
+        return "no method has a value"
+    order = sorted(have, key=lambda m: -have[m][0] if higher else have[m][0])
+    best = order[0]
+    text = f"{best} ({label}{_fmt(*have[best][:2], digits=3)}, {have[best][2]} seeds)"
+    if len(order) > 1:
+        second = order[1]
+        diff = abs(have[best][0] - have[second][0])
+        se = math.sqrt(np.nansum([have[best][1] ** 2, have[second][1] ** 2]))
+        z = diff / se if se > 0 else math.inf
+        text += f", ahead of {second} by {diff:.3f} ({z:.1f} SE: {'a difference' if z >= 2 else 'within noise'})"
+    return text
+
+
 def _first_verdict(summary: dict[str, Any], key: str, unit: str, target: float, n_seeds: int) -> str:
     """Which method reaches the target first (most seeds reaching, then the fewest ``key`` on average)."""
     reaching = {m: s for m, s in summary.items() if s["reached"]}
@@ -192,16 +214,7 @@ def _diversity_verdict(summary: dict[str, Any], level: float) -> str:
     hacked = [m for m, s in summary.items() if s["crossed"][str(level)] > s["vendi_at"][str(level)][2]]
     if not crossed:
         return f"at {level:.0%} accuracy: no run crossed the level with its guards held"
-    order = sorted(crossed, key=lambda m: -crossed[m][0])
-    best = order[0]
-    text = f"at {level:.0%} accuracy: most diversity {best} (Vendi {_fmt(*crossed[best][:2], digits=3)}, "
-    text += f"{crossed[best][2]} seeds)"
-    if len(order) > 1:
-        second = order[1]
-        diff = crossed[best][0] - crossed[second][0]
-        se = math.sqrt(np.nansum([crossed[best][1] ** 2, crossed[second][1] ** 2]))
-        z = diff / se if se > 0 else math.inf
-        text += f", ahead of {second} by {diff:.3f} ({z:.1f} SE: {'a difference' if z >= 2 else 'within noise'})"
+    text = f"at {level:.0%} accuracy: most diversity {best_and_runner_up(crossed, label='Vendi ')}"
     if hacked:
         text += f"; crossed it with a guard broken: {', '.join(hacked)} (not counted)"
     return text
@@ -243,10 +256,7 @@ def plot_curves(runs: list[Run], target: float, path: Path) -> Path:
     axes[2].set_title("accuracy vs diversity (seed means; dot: the end)")
     axes[0].set_title("at equal episodes (mean ± SE over seeds)")
     axes[1].set_title("at equal training time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _json_safe(value: Any) -> Any:

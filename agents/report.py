@@ -195,6 +195,108 @@ class Study:
                             )
         return rows
 
+    def kept(self, task: str, runs: list[dict[str, Any]]) -> dict[str, float]:
+        """Reward gain over Base (mean ± SE over runs, and in SE) and what of Base's IS and classes is kept.
+
+        A single run's gain SE is the two models' sample SEs combined (same noise, not paired).
+        """
+        base_reward, base_se, _ = aggregate(self.base, "reward", task)
+        reward, se, n = aggregate(runs, "reward", task)
+        if n == 1:
+            se = math.hypot(se, base_se)
+        base_is = aggregate(self.base, "is", task)[0]
+        ratios = np.array([_metric(r, "is", task)[0] / base_is for r in runs])
+        agreement = np.array([r.get("class_agreement", float("nan")) for r in runs], dtype=np.float64)
+        gain = reward - base_reward
+        return {
+            "gain": gain,
+            "gain_se": se,
+            "z": gain / se if se > 0 else float("inf"),
+            "is_kept": float(ratios.mean()),
+            "is_kept_se": float(ratios.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+            "class_agreement": float(agreement.mean()),
+            "n": n,
+        }
+
+    def kept_table(self) -> list[list[str]]:
+        """Per task and method: reward gain over Base (in SE), IS kept (% of Base's), class agreement."""
+        rows = [list(_KEPT_HEAD)]
+        if not self.base:
+            return rows
+        for task in self.tasks:
+            for method in self.methods:
+                runs = self.runs(task, method=method)
+                if runs:
+                    k = self.kept(task, runs)
+                    rows.append(_kept_cells(task, method, k))
+        return rows
+
+
+def _kept_cells(task: str, label: str, k: dict[str, float]) -> list[str]:
+    """One row of a gain / diversity-kept table."""
+    is_se = "" if math.isnan(k["is_kept_se"]) else f" ± {100 * k['is_kept_se']:.0f}"
+    return [
+        task,
+        label,
+        f"{k['gain']:+.4f} ± {k['gain_se']:.4f} (n={k['n']})",
+        f"{k['z']:+.1f}",
+        f"{100 * k['is_kept']:.0f}%{is_se}",
+        f"{100 * k['class_agreement']:.1f}%",
+    ]
+
+
+def sweep_points(study: Study, sweep: list[dict[str, Any]]) -> list[tuple[float, dict[str, float]]]:
+    """``(value, Study.kept of its runs)`` per swept value, sorted by value (runs carry a ``sweep`` field)."""
+    task = sweep[0]["task"]
+    values = sorted({r["sweep"]["value"] for r in sweep})
+    return [(v, study.kept(task, [r for r in sweep if r["sweep"]["value"] == v])) for v in values]
+
+
+def plot_sweep(points: list[tuple[float, dict[str, float]]], key: str, task: str, path: Path) -> Path:
+    """Reward gain (x, ± SE) vs IS kept (y, ± SE), one point per swept value, labelled with the value."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot([k["gain"] for _, k in points], [100 * k["is_kept"] for _, k in points], color="grey", lw=1, zorder=1)
+    for i, (value, k) in enumerate(points):  # labels alternate above and below: neighbours may sit close
+        yerr = None if math.isnan(k["is_kept_se"]) else 100 * k["is_kept_se"]
+        ax.errorbar(k["gain"], 100 * k["is_kept"], xerr=k["gain_se"], yerr=yerr, fmt="o", capsize=3)
+        ax.annotate(f"{key.rsplit('.', 1)[-1]}={value:g}", (k["gain"], 100 * k["is_kept"]), fontsize=8,
+                    xytext=(4, 6 if i % 2 else -12), textcoords="offset points")  # fmt: skip
+    ax.axhline(70, color="grey", ls="--", lw=1, label="70% of Base's IS")
+    ax.legend(fontsize=8, loc="center right")
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_xlabel(f"reward gain over Base ({task})")
+    ax.set_ylabel("IS kept (% of Base's)")
+    ax.set_title(f"Sweep of {key}: reward gained vs diversity kept")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _sweep_lines(study: Study, sweep: list[dict[str, Any]], out: Path) -> list[str]:
+    """The sweep section: its plot and table (empty without sweep runs or a Base evaluation)."""
+    if not sweep or not study.base:
+        return []
+    info, task = sweep[0]["sweep"], sweep[0]["task"]
+    points = sweep_points(study, sweep)
+    fig = plot_sweep(points, info["key"], task, out / "sweep.png")
+    rows = [_kept_cells(task, f"{info['key']} = {v:g}", k) for v, k in points]
+    seeds = sorted({r.get("seed") for r in sweep})
+    return [
+        f"## Sweep: {info['method']}'s `{info['key']}` on {task}",
+        "",
+        f"Seeds {seeds} (the tuning seeds, kept out of the tables above); reward gain over Base with its SE over "
+        "seeds (one seed: the two models' sample SEs combined), the share of Base's Inception Score kept and the "
+        "class agreement with Base.",
+        "",
+        markdown_table([["task", "value", *_KEPT_HEAD[2:]], *rows]),
+        "",
+        f"![Sweep]({fig.name})",
+        "",
+    ]
+
+
+_KEPT_HEAD = ["task", "method", "reward gain (mean ± SE over runs)", "gain / SE", "IS kept", "class agreement"]
+
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "**no**"
@@ -215,6 +317,14 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a Matplotlib figure; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
 
 
 def plot_reward_vs_vendi(study: Study, path: Path) -> Path:
@@ -251,10 +361,7 @@ def plot_reward_vs_vendi(study: Study, path: Path) -> Path:
                 ax.set_title(task)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Reward vs diversity (small dots: seeds; large: mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _arrays(result: dict[str, Any]) -> dict[str, np.ndarray] | None:
@@ -291,10 +398,7 @@ def plot_projection(study: Study, path: Path, method: str = "ddpo") -> Path | No
             _ellipse(ax, pts, color)
         ax.set_title(f"{task}: embeddings, PCA")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _ellipse(ax: Any, pts: np.ndarray, color: str) -> None:
@@ -321,10 +425,7 @@ def plot_injection(injections: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.set_title(f"{task}: {inj.get('method', 'ddpo')} → base")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def runtime_table(timings: list[dict[str, Any]]) -> list[list[str]]:
@@ -483,10 +584,22 @@ def write_report(
             of the projection plot.
     """
     own = load_results(paths)
-    study = Study(merge_results(own, [{"method": r.get("label"), **r} for r in extra]))
+    merged = merge_results(own, [{"method": r.get("label"), **r} for r in extra])
+    study = Study([r for r in merged if "sweep" not in r])  # sweep runs are tuning runs: their own section
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", *header, "", *_table_lines(study)]
+    if study.base:
+        lines += [
+            "## Reward gained and diversity kept",
+            "",
+            "Each method's reward gain over Base in SE over runs (n = 1: the two models' sample SEs combined), "
+            "the share of Base's Inception Score it keeps, and the share of samples whose digit class equals "
+            "Base's on the same noise.",
+            "",
+            markdown_table(study.kept_table()),
+            "",
+        ]
     claims = study.claims()
     failed = [f"{row[0]}: {row[1]}" for row in claims[1:] if row[2] != "yes"]
     lines += ["## The paper's claims on these numbers", "", markdown_table(claims), ""]
@@ -494,6 +607,7 @@ def write_report(
         verdict = f"{len(claims) - 1 - len(failed)} of {len(claims) - 1} checks hold on this model."
         lines += [verdict + (" Not reproduced: " + "; ".join(failed) + "." if failed else ""), ""]
     lines += [*notes, ""] if notes else []
+    lines += _sweep_lines(study, [r for r in merged if "sweep" in r], out)
     lines += _figure_lines(study, out, injections)
     if timings:
         lines += ["## Runtime of each stage", "", markdown_table(runtime_table(timings)), ""]

@@ -1,13 +1,16 @@
 """Studies beyond the paper: VARD methods, rows of earlier studies (``compare_with``), other methods' columns."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
+from agents.algorithms import load_run_config
 from agents.cli import main
-from agents.paper import _train_command, load_comparisons, load_study
+from agents.paper import _train_command, load_comparisons, load_study, planned_runs
 from agents.ppo_is.config import ConfigError
 from agents.report import Study, load_results, merge_results, write_report
 
@@ -37,6 +40,11 @@ def test_beyond_study_validates_with_the_paper_budget(tmp_path):
     cmd = _train_command(study, "vard", REWARDS[0], 1, tmp_path / "run")
     assert cmd[cmd.index("--algo") + 1] == "vard" and "envs_configs/digits_vard_jpeg_compressibility.yaml" in cmd
     assert "seed=1" in cmd and "num_epochs=12" in cmd
+    sweep = study.sweep  # VARD's beta, tuned on seeds the tables do not report
+    assert (sweep.method, sweep.key, sweep.reward) == ("vard", "train.kl_coef", "jpeg_compressibility")
+    assert load_study(config).methods["vard"] and not set(sweep.seeds) & set(study.seeds)
+    default = load_run_config(study.methods["vard"].config.format(reward=REWARDS[0]), algo="vard").train.kl_coef
+    assert default in sweep.values
 
 
 def _study_yaml(tmp_path: Path, methods: str, extra: str = "") -> Path:
@@ -148,6 +156,7 @@ def test_study_with_a_vard_method_end_to_end_on_a_tiny_budget(tmp_path, tiny_var
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| task | Base | vard |" in report and "| train | 1 |" in report
     assert "Embedding projection of Base vs vard" in report  # no DDPO here: VARD's arrays stand in
+    assert "## Fronts" not in report  # evaluated before and after its one epoch only: no front
 
     # an "earlier study": this one's evaluations relabelled as DDPO (same settings and noise, by construction)
     earlier = tmp_path / "earlier.json"
@@ -168,3 +177,66 @@ def test_study_with_a_vard_method_end_to_end_on_a_tiny_budget(tmp_path, tiny_var
     ]
     earlier.write_text(json.dumps([{**ddpo, "initial_noise_digest": "0"}]))
     assert main(["paper", "--config", str(config), "--stages", "report"]) == 2
+
+
+def test_a_sweep_is_validated_and_its_runs_get_the_value(tmp_path):
+    vard = '{vard: {config: "envs_configs/digits_vard_{reward}.yaml", algo: vard}}'
+    sweep = "sweep: {method: vard, key: train.kl_coef, values: [0.03, 1], reward: jpeg_compressibility, seeds: [7]}\n"
+    study = load_study(_study_yaml(tmp_path, vard, sweep))
+    runs = planned_runs(study, tmp_path)
+    assert list(runs) == [
+        ("vard", "jpeg_compressibility", 0),
+        ("vard@kl_coef=0.03", "jpeg_compressibility", 7),
+        ("vard@kl_coef=1", "jpeg_compressibility", 7),
+    ]
+    cmd = _train_command(study, "vard@kl_coef=0.03", "jpeg_compressibility", 7, tmp_path / "run")
+    assert "train.kl_coef=0.03" in cmd and "seed=7" in cmd and cmd[cmd.index("--algo") + 1] == "vard"
+    with pytest.raises(ConfigError, match=r"sweep\.method 'ddpo' / sweep\.reward .* must be one of the methods"):
+        load_study(_study_yaml(tmp_path, vard, sweep.replace("method: vard", "method: ddpo")))
+    with pytest.raises(ConfigError, match=r"(?s)sweep vard@kl_coeff=0.03: .*kl_coeff: Extra inputs"):
+        load_study(_study_yaml(tmp_path, vard, sweep.replace("train.kl_coef", "train.kl_coeff")))
+
+
+def test_kept_is_the_gain_in_se_over_seeds_and_the_share_of_base_is():
+    def scored(method, seed, reward, inception):
+        e = _evaluation(method, seed, reward)
+        return {**e, "inception_score": {"mean": inception, "std": 0.1}, "class_agreement": 0.9}
+
+    base = {**scored("base", None, -0.5, 10.0), "rewards": {"jpeg_compressibility": {"mean": -0.5, "se": 0.003}}}
+    runs = [scored("vard", 0, -0.49, 8.0), scored("vard", 1, -0.47, 9.0)]
+    k = Study([base, *runs]).kept("jpeg_compressibility", runs)
+    # gain: mean(-0.49, -0.47) + 0.5 = 0.02; SE over the two seeds: std(ddof=1) / sqrt 2 = 0.01
+    assert k["gain"] == pytest.approx(0.02) and k["gain_se"] == pytest.approx(0.01) and k["z"] == pytest.approx(2.0)
+    assert k["is_kept"] == pytest.approx(0.85) and k["is_kept_se"] == pytest.approx(0.05)
+    assert k["class_agreement"] == pytest.approx(0.9) and k["n"] == 2
+    one = Study([base, runs[0]]).kept("jpeg_compressibility", runs[:1])  # one run: both sample SEs combined
+    assert one["gain_se"] == pytest.approx(math.hypot(0.003, 0.01)) and math.isnan(one["is_kept_se"])
+
+
+def test_study_with_a_sweep_end_to_end_on_a_tiny_budget(tmp_path, tiny_vard):
+    """Sweep runs are trained and evaluated, stay out of the method tables and get their own table and plot."""
+    overrides = "[" + ", ".join([*tiny_vard, "num_epochs=2", "save_every=2"]) + "]"  # 3 evaluations: a front
+    methods = '{vard: {config: "envs_configs/digits_vard_{reward}.yaml", algo: vard}}'
+    extra = (
+        f"overrides: {overrides}\nevaluation: {{num_samples: 10, num_steps: 4, batch_size: 10}}\n"
+        "sweep: {method: vard, key: train.kl_coef, values: [0, 10], reward: jpeg_compressibility, seeds: [3]}\n"
+    )
+    assert main(["paper", "--config", str(_study_yaml(tmp_path, methods, extra))]) == 0
+    evaluations = json.loads((tmp_path / "report" / "evaluations.json").read_text())
+    sweeps = {e["method"]: e.get("sweep") for e in evaluations if "sweep" in e}
+    assert sweeps == {
+        "vard@kl_coef=0": {"method": "vard", "key": "train.kl_coef", "value": 0.0},
+        "vard@kl_coef=10": {"method": "vard", "key": "train.kl_coef", "value": 10.0},
+    }
+    for e in evaluations:  # each sweep run trained with its value, on the sweep's seed
+        if "sweep" in e:
+            config = yaml.safe_load(Path(e["model"], "config.yaml").read_text())
+            assert (config["train"]["kl_coef"], config["seed"]) == (e["sweep"]["value"], 3)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| task | Base | vard |" in report and "vard@" not in report.split("## Sweep")[0]
+    assert "## Sweep: vard's `train.kl_coef` on jpeg_compressibility" in report and "Seeds [3]" in report
+    assert "| jpeg_compressibility | train.kl_coef = 0 |" in report
+    assert "| jpeg_compressibility | train.kl_coef = 10 |" in report
+    assert (tmp_path / "report" / "sweep.png").is_file()
+    assert "## Reward gained and diversity kept" in report and "| jpeg_compressibility | vard |" in report
+    assert "## Fronts: jpeg_compressibility" in report  # the method's run, evaluated at epochs 0, 1 and 2
