@@ -272,17 +272,17 @@ def _finished(run_dir: Path, num_epochs: int) -> bool:
     return found is not None and json.loads((found / "meta.json").read_text()).get("epoch") == num_epochs
 
 
-def _method_of(study: StudyConfig, name: str) -> tuple[str, list[str]]:
-    """A run's study method and its sweep override (``[]`` for a method's own runs)."""
+def _method_of(study: StudyConfig, name: str) -> tuple[str, float | None]:
+    """A run's study method and its swept value (``None`` for a method's own runs)."""
     sweep = study.sweep
     if sweep is not None and name not in study.methods:
-        value = next(v for v in sweep.values if sweep.name(v) == name)
-        return sweep.method, [f"{sweep.key}={value!r}"]
-    return name, []
+        return sweep.method, next(v for v in sweep.values if sweep.name(v) == name)
+    return name, None
 
 
 def _overrides(study: StudyConfig, name: str, seed: int) -> list[str]:
-    method, swept = _method_of(study, name)
+    method, value = _method_of(study, name)
+    swept = [f"{study.sweep.key}={value!r}"] if study.sweep is not None and value is not None else []
     return [
         *study.overrides,
         *study.method_overrides.get(method, []),
@@ -304,10 +304,8 @@ def planned_runs(study: StudyConfig, out: Path) -> dict[tuple[str, str, int], Pa
 def _run_meta(study: StudyConfig, name: str, reward: str, seed: int) -> dict[str, Any]:
     """What an evaluation records of its run (a sweep run also its method, key and value)."""
     meta: dict[str, Any] = {"method": name, "task": reward, "seed": seed}
-    method, swept = _method_of(study, name)
-    if swept:
-        assert study.sweep is not None
-        value = float(swept[0].split("=", 1)[1])
+    method, value = _method_of(study, name)
+    if study.sweep is not None and value is not None:
         meta["sweep"] = {"method": method, "key": study.sweep.key, "value": value}
     return meta
 
