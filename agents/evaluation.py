@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -137,6 +137,66 @@ def warn_if_few_is_samples(num_samples: int, splits: int, num_classes: int, labe
     return True
 
 
+class ImageScores(NamedTuple):
+    """What :func:`score_images` returns."""
+
+    values: dict[str, float]
+    """``inception_score`` (± ``inception_score_std`` over splits), ``vendi_pixel``, ``vendi_embedding`` and, when
+    the classifier knows the conditions' classes, ``class_agreement``."""
+    embeddings: Tensor
+    """The embedding network's features of each image (CPU)."""
+    predicted: Tensor
+    """The classifier's most probable class of each image."""
+
+
+def score_images(
+    images: Tensor,
+    conditions: Tensor | None,
+    nets: Any,
+    *,
+    pixel_size: int = 32,
+    is_splits: int = 10,
+    device: str | torch.device = "cpu",
+    label: str = "",
+) -> ImageScores:
+    """The sample metrics of an evaluation: Inception Score, Vendi scores of pixels and embeddings, class agreement.
+
+    Args:
+        images: images in ``[0, 1]``, ``(N, C, H, W)``.
+        conditions: each image's class id (class-conditional models), else ``None`` (prompts, unconditional).
+        nets: a ``MetricNets`` (:func:`diffusion_gym.nets.load_metric_nets`).
+        pixel_size: side the images are resized to for the pixel Vendi score.
+        is_splits: Inception Score splits.
+        device: where the networks run.
+        label: the model, named in the few-samples warning.
+
+    Returns:
+        The scores; ``class_agreement`` (the share of images the digit classifier assigns to their conditioned
+        class) only for the digit classifier and integer class ids.
+
+    Warns:
+        RuntimeWarning: too few samples per Inception Score split (:func:`warn_if_few_is_samples`).
+    """
+    cls = metrics.classifier_outputs(nets.classifier, images.to(device))
+    warn_if_few_is_samples(len(images), is_splits, cls.probs.shape[1], label=label)
+    score = metrics.inception_score(cls.probs, splits=is_splits)
+    if nets.embedder is nets.classifier:
+        embeddings = cls.features
+    else:
+        embeddings = torch.cat([nets.embedder.features(b.to(device)).float().cpu() for b in images.split(64)])
+    values = {
+        "inception_score": score.mean,
+        "inception_score_std": score.std,
+        "vendi_pixel": metrics.pixel_vendi(images, pixel_size),
+        "vendi_embedding": metrics.vendi_score(embeddings),
+    }
+    predicted = cls.probs.argmax(1)
+    is_class_ids = isinstance(conditions, Tensor) and not torch.is_floating_point(conditions)
+    if is_class_ids and nets.classifier_name == "digit-classifier":  # the classifier knows the classes
+        values["class_agreement"] = float((predicted == conditions.cpu()).float().mean())
+    return ImageScores(values, embeddings, predicted)
+
+
 def evaluate_model(
     model: str | os.PathLike[str],
     settings: EvalSettings | None = None,
@@ -196,23 +256,28 @@ def evaluate_model(
     tic = time.perf_counter()
     shape = tuple(images.shape[1:])
     nets = metric_nets or load_metric_nets(settings.metric_nets, image_shape=shape, device=settings.device)
-    cls = metrics.classifier_outputs(nets.classifier, images.to(settings.device))
-    warn_if_few_is_samples(len(images), settings.is_splits, cls.probs.shape[1], label=label or str(model))
-    score = metrics.inception_score(cls.probs, splits=settings.is_splits)
-    result["inception_score"] = {"mean": score.mean, "std": score.std, "network": nets.classifier_name}
-    if nets.embedder is nets.classifier:
-        embeddings = cls.features
-    else:
-        embeddings = torch.cat([nets.embedder.features(b.to(settings.device)).float().cpu() for b in images.split(64)])
-    result["vendi_pixel"] = metrics.pixel_vendi(images, settings.pixel_size)
-    result["vendi_embedding"] = {"value": metrics.vendi_score(embeddings), "network": nets.embedder_name}
-    predicted = cls.probs.argmax(1)
-    if conditions is not None and nets.classifier_name == "digit-classifier":  # the classifier knows the classes
-        result["class_agreement"] = float((predicted == conditions).float().mean())
+    scores = score_images(
+        images,
+        conditions,
+        nets,
+        pixel_size=settings.pixel_size,
+        is_splits=settings.is_splits,
+        device=settings.device,
+        label=label or str(model),
+    )
+    result["inception_score"] = {
+        "mean": scores.values["inception_score"],
+        "std": scores.values["inception_score_std"],
+        "network": nets.classifier_name,
+    }
+    result["vendi_pixel"] = scores.values["vendi_pixel"]
+    result["vendi_embedding"] = {"value": scores.values["vendi_embedding"], "network": nets.embedder_name}
+    if "class_agreement" in scores.values:
+        result["class_agreement"] = scores.values["class_agreement"]
     timings["metrics"] = time.perf_counter() - tic
     result["seconds"] = timings
-    arrays["embeddings"] = embeddings.numpy().astype(np.float32)
-    arrays["predicted"] = predicted.numpy()
+    arrays["embeddings"] = scores.embeddings.numpy().astype(np.float32)
+    arrays["predicted"] = scores.predicted.numpy()
     if conditions is not None:
         arrays["conditions"] = conditions.numpy()
     arrays["images_uint8"] = (images[:100] * 255).round().to(torch.uint8).numpy()

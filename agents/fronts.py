@@ -96,22 +96,27 @@ def _front(mine: list[Run], key: str, grid: np.ndarray) -> tuple[np.ndarray, np.
 def plot_fronts(runs: list[Run], titles: dict[str, str], path: Path, points: int = 12) -> Path:
     """One panel per metric: each method's seed-mean metric vs reward at matched levels, ± 1 SE bands."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(titles), figsize=(5.2 * len(titles), 4.4), squeeze=False)
+    cols = min(3, len(titles))
+    rows = math.ceil(len(titles) / cols)
+    fig, grid_axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), squeeze=False)
+    axes = list(grid_axes.flat)[: len(titles)]
+    for spare in list(grid_axes.flat)[len(titles) :]:
+        spare.set_visible(False)
     base = runs[0].rows[0]
     for method, mine in _by_method(runs).items():
         top = float(np.nanmax([np.nanmax(r.column(REWARD)) for r in mine]))
         grid = np.linspace(float(base[REWARD]), top, points)
-        for ax, key in zip(axes[0], titles, strict=True):
+        for ax, key in zip(axes, titles, strict=True):
             x, y, se = _front(mine, key, grid)
             (line,) = ax.plot(x, y, marker="o", ms=3, label=method)
             ax.fill_between(x, y - se, y + se, color=line.get_color(), alpha=0.15)
-    for ax, (key, title) in zip(axes[0], titles.items(), strict=True):
+    for ax, (key, title) in zip(axes, titles.items(), strict=True):
         if base.get(key) is not None:
             ax.scatter([base[REWARD]], [base[key]], marker="*", s=250, color="gold", edgecolor="black", label="base")
         ax.set_xlabel("reward (fixed-noise evaluation)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle("Fronts: diversity kept at matched reward (mean over seeds that crossed; ± 1 SE)")
     return save_figure(fig, path)
 

@@ -587,7 +587,14 @@ def prompt_report_stage(
     return path
 
 
-FRONT_METRICS = {"vendi_pixels": "within-class pixel Vendi", "held_out/digit_confidence": "digit confidence"}
+FRONT_METRICS = {
+    "inception_score": "Inception Score (one split)",
+    "class_agreement": "class agreement",
+    "vendi_embedding": "embedding Vendi",
+    "vendi_pixel": "pixel Vendi",
+    "vendi_pixels": "within-class pixel Vendi",
+    "held_out/digit_confidence": "digit confidence",
+}
 """``eval.jsonl`` fields drawn against the reward along training (when a study's runs evaluate along the way)."""
 
 

@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 
 BASE = "base"
-FAMILY_ORDER = ("base", "ddpo", "hrf", "hrf-d")
-FAMILY_TITLES = {"base": "Base", "ddpo": "DDPO", "hrf": "HRF", "hrf-d": "HRF-D"}
+FAMILY_ORDER = ("base", "ddpo", "hrf", "hrf-authors", "hrf-d")
+FAMILY_TITLES = {"base": "Base", "ddpo": "DDPO", "hrf": "HRF", "hrf-authors": "HRF (authors)", "hrf-d": "HRF-D"}
+CLAIMED = ("hrf", "hrf-authors", "hrf-d")
+"""The families whose reward and diversity the paper's claims compare with DDPO's."""
 COLORS = {
     "base": "black",
     "ddpo": "tab:red",
@@ -39,6 +41,7 @@ COLORS = {
     "hrf-early": "tab:orange",
     "hrf-later": "tab:green",
     "hrf-d": "tab:purple",
+    "hrf-authors": "tab:cyan",
     "vard": "tab:brown",
     "drift": "tab:olive",
 }
@@ -46,8 +49,11 @@ HIGHER_IS_BETTER_NOTE = "Higher is better for every reward here (compressibility
 
 
 def family(method: str) -> str:
-    """The table column of a method: the HRF window presets (``hrf``, ``hrf-*`` but HRF-D) form ``hrf``."""
-    if method in (BASE, "ddpo", "hrf-d"):
+    """The table column of a method: the HRF window presets (``hrf``, ``hrf-*``) form ``hrf``.
+
+    HRF-D and ``hrf-authors`` (HRF under its authors' conventions) keep their own columns.
+    """
+    if method in (BASE, "ddpo", "hrf-d", "hrf-authors"):
         return method
     if method == "hrf" or method.startswith("hrf-"):
         return "hrf"
@@ -155,7 +161,7 @@ class Study:
             return rows
         for task in self.tasks:
             base, _, _ = aggregate(self.base, "reward", task)
-            fam = {f: self.runs(task, fam=f) for f in ("ddpo", "hrf", "hrf-d")}
+            fam = {f: self.runs(task, fam=f) for f in ("ddpo", *CLAIMED)}
             stat = {f: aggregate(r, "reward", task) for f, r in fam.items() if r}
             if "ddpo" in stat:
                 m, se, _ = stat["ddpo"]
@@ -163,7 +169,7 @@ class Study:
                 rows.append(
                     [task, "DDPO raises the reward over Base", _yes(m > base), f"{base:.4f} → {m:.4f} ({z:+.1f} SE)"]
                 )
-                for f in ("hrf", "hrf-d"):
+                for f in CLAIMED:
                     if f in stat:
                         mf, sef, _ = stat[f]
                         tol = 2 * math.hypot(se, sef)
@@ -182,7 +188,7 @@ class Study:
                 ):
                     b, _, _ = aggregate(self.base, metric, task)
                     d, _, _ = aggregate(fam["ddpo"], metric, task)
-                    for f in ("hrf", "hrf-d"):
+                    for f in CLAIMED:
                         if fam[f]:
                             v, _, _ = aggregate(fam[f], metric, task)
                             rows.append(

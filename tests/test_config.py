@@ -90,7 +90,8 @@ def test_expected_files_exist():
     expected |= {f"{v}_{r}.yaml" for v in ("sd15", "sdxl") for r in ("aesthetic", "jpeg_compressibility")}
     expected |= {"sd-tiny_prompt_color.yaml", "sd3-tiny_grpo_prompt_color.yaml", "digits-t2i_grpo_prompt_match.yaml"}
     expected |= {f"{m}_jpeg_compressibility.yaml" for m in ("sd35m_grpo", "sd35m_grpo-fast", "flux_grpo")}
-    expected |= {"digits_hrf-d_jpeg_compressibility_demo.yaml", "digits_hrf_jpeg_compressibility_authors.yaml"}
+    expected |= {"digits_hrf-d_jpeg_compressibility_demo.yaml"}
+    expected |= {f"digits_hrf_{r}_authors.yaml" for r in DIGITS_REWARDS}
     assert expected == {p.name for p in YAMLS}
     assert (CONFIG_DIR / "README.md").is_file()
     readme = (CONFIG_DIR / "README.md").read_text()

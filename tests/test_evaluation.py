@@ -144,14 +144,10 @@ def test_cli_evaluate_then_report(tmp_path, capsys):
 def test_study_config_errors_name_the_key(tmp_path):
     good = Path("envs_configs/paper_digits.yaml")
     study = load_study(good)
-    assert set(study.methods) == {"ddpo", "hrf-baseline", "hrf-early", "hrf-later", "hrf-d"} and study.seeds == [
-        0,
-        1,
-        2,
-    ]
+    assert set(study.methods) == {"ddpo", "hrf", "hrf-authors", "hrf-d"} and study.seeds == [0, 1, 2, 3, 4]
     bad = tmp_path / "bad.yaml"
-    bad.write_text(good.read_text().replace("hrf-later: [", "hrf-lateer: ["))
-    with pytest.raises(ConfigError, match="unknown methods \\['hrf-lateer'\\]"):
+    bad.write_text(good.read_text().replace("hrf-authors: [", "hrf-author: ["))
+    with pytest.raises(ConfigError, match="unknown methods \\['hrf-author'\\]"):
         load_study(bad)
     bad.write_text(good.read_text() + "\nepochs: 3\n")
     with pytest.raises(ConfigError, match="epochs"):

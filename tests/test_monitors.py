@@ -65,6 +65,26 @@ def test_measure_scores_held_out_rewards_and_diversity_within_each_condition():
     assert out["vendi_pixels"] == pytest.approx(within), "class 0 (one image 4 times) scores 1"
 
 
+def test_metric_nets_log_the_evaluation_stages_sample_metrics_along_training():
+    from diffusion_gym.digits import load_digit_classifier, load_digits_dataset
+
+    images, labels = load_digits_dataset()
+    images, labels = images[:200], labels[:200]
+    m = EvaluationMonitors(EvalConfig(metric_nets="digits"))
+    out = m.measure(images, labels, labels.tolist(), reward_fn=None)
+    assert set(out) == {"inception_score", "vendi_pixel", "vendi_embedding", "class_agreement"}
+    probs = metrics.classifier_outputs(load_digit_classifier(), images).probs
+    assert out["inception_score"] == pytest.approx(metrics.inception_score(probs, splits=1).mean), "one split"
+    assert out["class_agreement"] == pytest.approx(float((probs.argmax(1) == labels).float().mean()))
+    assert out["class_agreement"] > 0.9, "the shipped classifier knows the real digits"
+    assert m.measure(images, (labels + 1) % 10, labels.tolist(), None)["class_agreement"] < 0.1, "wrong classes"
+    assert out["vendi_pixel"] == pytest.approx(metrics.pixel_vendi(images, 32))
+    assert "class_agreement" not in m.measure(images, None, [0] * 200, None), "no class ids: no agreement"
+    with pytest.raises(ConfigError, match=r"unknown metric networks 'clip'; valid choices: \['auto', 'digits'"):
+        load_run_config(None, ["eval.metric_nets=clip"])
+    load_run_config(None, ["eval.metric_nets=auto", "eval.monitor_margins={class_agreement: 0.1}"])
+
+
 def test_monitor_margins_must_name_a_measured_metric():
     with pytest.raises(ConfigError, match=r"monitor_margins names \['vendi_pixels'\], which the evaluation does not"):
         load_run_config(None, ["eval.monitor_margins={vendi_pixels: 0.1}"])

@@ -32,14 +32,19 @@ def test_beyond_study_validates_with_the_paper_budget(tmp_path):
     config = tmp_path / "beyond.yaml"
     config.write_text(text.replace("envs_configs/digits_drift_{reward}.yaml", _drift_fixtures(tmp_path)))
     study, paper = load_study(config), load_study("envs_configs/paper_digits.yaml")
-    assert {m: s.algo for m, s in study.methods.items()} == {"vard": "vard", "drift": "ppo-is"}
+    assert {m: s.algo for m, s in study.methods.items()} == {
+        "hrf-early": "ppo-is",
+        "hrf-later": "ppo-is",
+        "vard": "vard",
+        "drift": "ppo-is",
+    }
     assert study.methods["vard"].config == "envs_configs/digits_vard_{reward}.yaml"
     assert study.compare_with == ["docs/results/paper_digits/evaluations.json"] and study.jobs == 2
     assert (study.seeds, study.rewards, study.overrides) == (paper.seeds, paper.rewards, paper.overrides)
     assert study.evaluation == paper.evaluation and study.injection.method == "vard"
     cmd = _train_command(study, "vard", REWARDS[0], 1, tmp_path / "run")
     assert cmd[cmd.index("--algo") + 1] == "vard" and "envs_configs/digits_vard_jpeg_compressibility.yaml" in cmd
-    assert "seed=1" in cmd and "num_epochs=12" in cmd
+    assert "seed=1" in cmd and "num_epochs=8" in cmd and "eval.metric_nets=auto" in cmd
     sweep = study.sweep  # VARD's beta, tuned on seeds the tables do not report
     assert (sweep.method, sweep.key, sweep.reward) == ("vard", "train.kl_coef", "jpeg_compressibility")
     assert load_study(config).methods["vard"] and not set(sweep.seeds) & set(study.seeds)

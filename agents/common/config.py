@@ -149,6 +149,11 @@ class EvalConfig(Section):
         description="rewards scored on the evaluation images only, never trained on: name -> its options ({} for none)",
     )
     diversity: bool = Field(False, description="log the Vendi score of the evaluation images within each condition")
+    metric_nets: str | None = Field(
+        None,
+        description="log the evaluation's sample metrics along training: Inception Score (one split), Vendi of pixels "
+        "and embeddings, class agreement (digits); digits, inception or auto picks the networks (null: none)",
+    )
     kl_to_base: bool = Field(
         False,
         description="log each evaluation's KL from the policy to the base model along its chain (a frozen copy of the "
@@ -156,7 +161,8 @@ class EvalConfig(Section):
     )
     monitor_margins: dict[str, float] = Field(
         default_factory=dict,
-        description="the hacking monitor: metric (a held-out reward, vendi_pixels) -> the drop below its base value "
+        description="the hacking monitor: metric (a held-out reward, vendi_pixels, a metric_nets metric) -> the drop "
+        "below its base value "
         "that fires it while the eval reward is above the base's",
     )
     early_stop: bool = Field(False, description="stop the run (after a checkpoint) at the evaluation the monitor fires")
@@ -175,14 +181,29 @@ class EvalConfig(Section):
             raise ValueError(f"margins must be positive numbers, got {bad}")
         return value
 
+    @field_validator("metric_nets")
+    @classmethod
+    def _known_metric_nets(cls, value: str | None) -> str | None:
+        from diffusion_gym.nets import METRIC_NET_KINDS
+
+        if value is not None and value not in METRIC_NET_KINDS:
+            raise ValueError(f"unknown metric networks {value!r}; valid choices: {list(METRIC_NET_KINDS)} or null")
+        return value
+
     @model_validator(mode="after")
     def _monitored_metrics_exist(self) -> EvalConfig:
-        metrics = [*self.held_out_rewards, *(["vendi_pixels"] if self.diversity else [])]
+        sample_metrics = ["inception_score", "vendi_pixel", "vendi_embedding", "class_agreement"]
+        metrics = [
+            *self.held_out_rewards,
+            *(["vendi_pixels"] if self.diversity else []),
+            *(sample_metrics if self.metric_nets is not None else []),
+        ]
         unknown = sorted(set(self.monitor_margins) - set(metrics))
         if unknown:
             raise ValueError(
                 f"monitor_margins names {unknown}, which the evaluation does not measure; measured: {metrics} "
-                "(add the reward to held_out_rewards, or set diversity: true for vendi_pixels)"
+                "(add the reward to held_out_rewards, set diversity: true for vendi_pixels, or metric_nets for the "
+                "sample metrics)"
             )
         return self
 

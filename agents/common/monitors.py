@@ -8,6 +8,10 @@ evaluation, so that each value is paired with the base model's):
 * ``held_out/<name>``: rewards scored at evaluation only, never trained on (``eval.held_out_rewards``),
   e.g. ``digit_confidence`` while training on ``jpeg_compressibility``, or a quality score;
 * ``vendi_pixels``: the Vendi score of the images within each condition (``eval.diversity``);
+* ``inception_score``, ``vendi_pixel``, ``vendi_embedding``, ``class_agreement`` (``eval.metric_nets``): the
+  evaluation stage's sample metrics (``agents.evaluation.score_images``), the Inception Score in one split
+  over all the evaluation images; on the digits model, the class agreement is the share of images the
+  shipped classifier assigns to their conditioned class;
 * ``reward/<name>``: each component's raw value when the trained reward is a weighted sum;
 * ``kl_to_base`` (``eval.kl_to_base``): each sample's KL from the policy to the base model along its
   evaluation chain: the sum over the stochastic steps of ``KL(N(μ_θ, σ²) ‖ N(μ_base, σ²))`` at the
@@ -33,6 +37,7 @@ from torch import Tensor
 from diffusion_gym import metrics, sampling
 from diffusion_gym.rewards import make_reward, weighted_rewards_of
 
+from ..evaluation import score_images
 from .config import EvalConfig
 
 __all__ = ["BaseKL", "EvaluationMonitors", "read_base_line"]
@@ -106,6 +111,8 @@ class EvaluationMonitors:
         self.config = config
         self.held_out = {name: make_reward(name, **options) for name, options in config.held_out_rewards.items()}
         self.base = read_base_line(eval_log) if eval_log is not None else None
+        self.nets: Any = None
+        """The metric networks of ``eval.metric_nets``, loaded at the first evaluation (they need its image shape)."""
         self.fired: list[str] = []
         """The watched metrics that fired the monitor at the last evaluation (empty: it did not fire)."""
 
@@ -128,7 +135,20 @@ class EvaluationMonitors:
             out[f"held_out/{name}"], out[f"held_out/{name}_se"] = mean, se
         if self.config.diversity:
             out["vendi_pixels"] = metrics.grouped_vendi(metrics.pixel_features(images), list(keys))
+        if self.config.metric_nets is not None:
+            out.update(self.sample_metrics(images, reward_input))
         return out
+
+    def sample_metrics(self, images: Tensor, reward_input: Any) -> dict[str, float]:
+        """The evaluation stage's sample metrics of ``images`` (``eval.metric_nets``), the IS in one split."""
+        from diffusion_gym.nets import load_metric_nets
+
+        if self.nets is None:
+            self.nets = load_metric_nets(self.config.metric_nets, image_shape=tuple(images.shape[1:]))
+        class_ids = reward_input if isinstance(reward_input, Tensor) else None
+        values = score_images(images.float().cpu(), class_ids, self.nets, is_splits=1).values
+        values.pop("inception_score_std")  # one split: no spread
+        return values
 
     def watched_value(self, line: dict[str, Any], name: str) -> float | None:
         """The value of a watched metric (``held_out/<name>``, ``vendi_pixels``) in an evaluation line."""
