@@ -40,13 +40,15 @@ embedded-t2i: $(STAMP)
 	$(BIN)/python scripts/train_digits_t2i.py
 	$(BIN)/python scripts/evaluate_digits_t2i.py
 
-# The paper's experiment on the embedded model: 5 methods x 2 rewards x 3 seeds, evaluation, report
-# (docs/results/paper_digits/). Target <= 60 minutes on 2 CPU cores; finished runs are skipped on re-runs.
+# The paper's experiment on the embedded model: DDPO, HRF, HRF under its authors' conventions and HRF-D x 2 rewards
+# x 5 seeds, each evaluated along training (fronts), final evaluation, report (docs/results/paper_digits/).
+# Target <= 90 minutes on 2 CPU cores; finished runs are skipped on re-runs.
 paper: $(STAMP)
 	DIFFUSION_GYM_MAKE_PAPER=1 $(BIN)/diffusion-gym paper --config envs_configs/paper_digits.yaml
 
-# VARD and DRIFT on the same budget and evaluation, next to the committed DDPO/HRF/HRF-D rows of `make paper`
-# (docs/results/paper_digits_beyond/): 2 methods x 2 rewards x 3 seeds + the VARD beta sweep (4 runs); finished runs are skipped.
+# The window ablation (HRF early / later presets), VARD and DRIFT on the same budget and evaluation, next to the
+# committed rows of `make paper` (docs/results/paper_digits_beyond/): 4 methods x 2 rewards x 5 seeds + the VARD
+# beta sweep (4 runs); finished runs are skipped.
 paper-beyond: $(STAMP)
 	DIFFUSION_GYM_MAKE_PAPER=paper-beyond $(BIN)/diffusion-gym paper --config envs_configs/paper_digits_beyond.yaml
 

@@ -20,6 +20,7 @@ travelled; a front compares the trade-off each offers:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,48 @@ def matched_table(summary: dict[str, dict[str, Any]], levels: list[float], key: 
     return rows
 
 
+def difference(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[float, float]:
+    """``a − b`` of two ``(mean, se, n)`` and its SE (the two SEs combined; NaN unless both have 2+ seeds)."""
+    if a[2] < 2 or b[2] < 2:
+        return math.nan, math.nan
+    return a[0] - b[0], math.hypot(a[1], b[1])
+
+
+def pair_lines(
+    summary: dict[str, dict[str, Any]], levels: list[float], titles: dict[str, str], first: str, second: str
+) -> list[str]:
+    """``first`` against ``second`` at matched reward: a table of differences and a computed verdict.
+
+    Each cell is ``first − second`` (mean over the seeds that crossed, ± the combined SE, in SE); the
+    verdict counts the (metric, level) cells where either keeps more by 2 SE or more.
+    """
+    rows = [["metric", *[f"at reward {level:.4f}" for level in levels]]]
+    ahead, behind, close = 0, 0, 0
+    for key, title in titles.items():
+        cells = []
+        for level in levels:
+            diff, se = difference(summary[first]["at"][key][level], summary[second]["at"][key][level])
+            if math.isnan(diff):
+                cells.append("–")
+                continue
+            z = diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
+            ahead, behind, close = ahead + (z >= 2), behind + (z <= -2), close + (abs(z) < 2)
+            cells.append(f"{diff:+.3f} ± {se:.3f} ({z:+.1f} SE)")
+        rows.append([title, *cells])
+    compared = ahead + behind + close
+    verdict = (
+        f"Verdict (computed): of {compared} matched comparisons, {first} keeps more by 2 SE or more in {ahead}, "
+        f"{second} in {behind}; {close} lie within 2 SE."
+    )
+    return [
+        f"{first} − {second} at matched reward (positive: {first} keeps more):",
+        "",
+        markdown_table(rows),
+        "",
+        verdict,
+    ]
+
+
 def _front(mine: list[Run], key: str, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The seed-mean metric and its SE at each reward of ``grid`` (NaN where fewer than 2 seeds crossed)."""
     means, ses = [], []
@@ -122,9 +165,17 @@ def plot_fronts(runs: list[Run], titles: dict[str, str], path: Path, points: int
 
 
 def front_lines(
-    runs: list[Run], titles: dict[str, str], out: Path, heading: str = "Fronts", figure: str = "fronts.png"
+    runs: list[Run],
+    titles: dict[str, str],
+    out: Path,
+    heading: str = "Fronts",
+    figure: str = "fronts.png",
+    pairs: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
-    """The report section: computed verdicts, one matched-reward table per metric, the front plot (``out/figure``)."""
+    """The report section: computed verdicts, one matched-reward table per metric, the front plot (``out/figure``).
+
+    Each ``(a, b)`` of ``pairs`` whose methods both ran adds :func:`pair_lines` (``a − b`` at matched reward).
+    """
     levels = reward_levels(runs)
     if not levels:
         return [f"## {heading}", "", "No fronts: some method's seed-mean reward never rose above the base's.", ""]
@@ -146,4 +197,7 @@ def front_lines(
     ]
     for key, title in titles.items():
         lines += [f"{title}:", "", markdown_table(matched_table(summary, levels, key)), ""]
+    for first, second in pairs:
+        if first in summary and second in summary:
+            lines += [*pair_lines(summary, levels, titles, first, second), ""]
     return [*lines, f"![Fronts]({path.name})", ""]

@@ -133,6 +133,9 @@ class StudyConfig(_Strict):
         None, description="set: a prompt-following study, reported from each run's eval.jsonl (no evaluate stage)"
     )
     sweep: SweepSection | None = Field(None, description="one key of one method swept on one task")
+    front_pairs: list[tuple[str, str]] = Field(
+        [], description="pairs of methods compared cell by cell at matched reward on the fronts ([a, b]: a − b)"
+    )
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -157,11 +160,14 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ConfigError(f"{path}: {problems}") from None
-    unknown = set(study.method_overrides) - set(study.methods)
-    if unknown:
-        raise ConfigError(
-            f"{path}: method_overrides names unknown methods {sorted(unknown)}; methods: {list(study.methods)}"
-        )
+    for field, names in (
+        ("method_overrides", set(study.method_overrides)),
+        ("front_pairs", {m for pair in study.front_pairs for m in pair}),
+    ):
+        unknown = names - set(study.methods)
+        if unknown:
+            known = list(study.methods)
+            raise ConfigError(f"{path}: {field} names unknown methods {sorted(unknown)}; methods: {known}")
     if study.prompt_following is not None and (study.injection is not None or study.compare_with):
         raise ConfigError(
             f"{path}: a prompt_following study has no injection stage or compared evaluations: set injection: null "
@@ -409,6 +415,18 @@ def evaluate_stage(
     return paths
 
 
+def _injection_path(out: Path, reward: str) -> Path:
+    return out / "eval" / f"injection__{reward}.json"
+
+
+def cached_injections(study: StudyConfig, out: Path) -> dict[str, dict[str, Any]]:
+    """The injection results already written for the study's rewards (none when the study has no injection)."""
+    if study.injection is None:
+        return {}
+    paths = {reward: _injection_path(out, reward) for reward in study.rewards}
+    return {reward: json.loads(path.read_text()) for reward, path in paths.items() if path.is_file()}
+
+
 def injection_stage(
     study: StudyConfig, runs: dict[tuple[str, str, int], Path], out: Path, timings: Timings, log: Any = print
 ) -> dict[str, dict[str, Any]]:
@@ -423,7 +441,7 @@ def injection_stage(
     results = {}
     base = load_model(study.base_model)
     for reward in study.rewards:
-        path = out / "eval" / f"injection__{reward}.json"
+        path = _injection_path(out, reward)
         if not path.is_file():
             tic = time.perf_counter()
             tuned = load_model(resolve_model_spec(runs[(inj.method, reward, study.seeds[0])]))
@@ -533,7 +551,10 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
         runs = planned_runs(study, out)
     if "evaluate" in wanted and study.prompt_following is None:  # prompt-following runs evaluate themselves
         timed("evaluate", evaluate_stage, study, runs, out, timings, log)
-    injections = timed("injection", injection_stage, study, runs, out, timings, log) if "injection" in wanted else {}
+    if "injection" in wanted:
+        injections = timed("injection", injection_stage, study, runs, out, timings, log)
+    else:  # a report alone still shows the injection results an earlier call wrote
+        injections = cached_injections(study, out)
     if "report" not in wanted:
         return out
     if study.prompt_following is not None:
@@ -610,7 +631,14 @@ def front_sections(study: StudyConfig, runs: dict[tuple[str, str, int], Path], r
         if not curves or len(curves) < len(mine) or min(len(c.rows) for c in curves) < 3:
             continue  # evaluated only at the end (eval.every = num_epochs): no front to draw
         titles = {k: t for k, t in FRONT_METRICS.items() if curves[0].rows[0].get(k) is not None}
-        lines += front_lines(curves, titles, report_dir, heading=f"Fronts: {reward}", figure=f"fronts_{reward}.png")
+        lines += front_lines(
+            curves,
+            titles,
+            report_dir,
+            heading=f"Fronts: {reward}",
+            figure=f"fronts_{reward}.png",
+            pairs=study.front_pairs,
+        )
     return lines
 
 

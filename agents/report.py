@@ -407,6 +407,44 @@ def plot_projection(study: Study, path: Path, method: str = "ddpo") -> Path | No
     return save_figure(fig, path)
 
 
+def image_row(images: np.ndarray, gap: int = 1) -> np.ndarray:
+    """``(N, C, H, W)`` uint8 images side by side, ``gap`` white pixels apart: an ``(H, W', C)`` array."""
+    n, c, h, w = images.shape
+    row = np.full((h, n * (w + gap) - gap, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        row[:, i * (w + gap) : i * (w + gap) + w] = image.transpose(1, 2, 0)
+    return row
+
+
+def plot_sample_grids(study: Study, task: str, path: Path, columns: int = 20) -> Path | None:
+    """Base and each method's first seed on the same evaluation noise: one row of ``columns`` samples each.
+
+    The evaluation draws its classes in turn, so the first 20 samples show every digit twice. ``None``
+    when Base or no fine-tuned run of ``task`` has per-sample arrays.
+    """
+    base = _arrays(study.base[0]) if study.base else None
+    if base is None or "images_uint8" not in base:
+        return None
+    rows = [("Base", base["images_uint8"][:columns])]
+    for method in study.methods:
+        runs = sorted(study.runs(task, method=method), key=lambda r: r.get("seed", 0))
+        arrays = _arrays(runs[0]) if runs else None
+        if arrays is not None and "images_uint8" in arrays:
+            rows.append((f"{method} (seed {runs[0].get('seed')})", arrays["images_uint8"][:columns]))
+    if len(rows) < 2:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.5 * columns, 0.62 * len(rows) + 0.5), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows, strict=True):
+        row = image_row(images)
+        ax.imshow(row[..., 0] if row.shape[-1] == 1 else row, cmap="gray", vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(f"{task}: samples on the same evaluation noise (the first {columns})")
+    return save_figure(fig, path)
+
+
 def _ellipse(ax: Any, pts: np.ndarray, color: str) -> None:
     """Draw the 2-standard-deviation ellipse of 2-D points."""
     from matplotlib.patches import Ellipse
@@ -488,7 +526,7 @@ def samples_note(results: Sequence[dict[str, Any]], inception: bool = False) -> 
 
 
 def _table_lines(study: Study) -> list[str]:
-    """The report's protocol paragraph and Tables 1-3 with the window ablation."""
+    """The report's protocol paragraph and Tables 1-3, with the window ablation when a column pools presets."""
     first = study.results[0]["settings"]
     n_runs = defaultdict(int)
     for r in study.results:
@@ -529,9 +567,10 @@ def _table_lines(study: Study) -> list[str]:
         "",
         n_line,
         "",
-        "## Window ablation (every method separately)",
-        "",
     ]
+    if all(family(m) == m for m in study.methods):  # every column is one method: no ablation to show
+        return lines
+    lines += ["## Window ablation (every method separately)", ""]
     for name, title_, digits in (("reward", "reward", 4), ("is", "IS", 3), ("vendi_pixel", "Vendi pixels", 3)):
         note = samples_note(study.results, inception=name == "is")
         lines += [f"{title_}:", "", markdown_table(study.table(name, digits, by="method")), "", note, ""]
@@ -553,6 +592,10 @@ def _figure_lines(study: Study, out: Path, injections: dict[str, dict[str, Any]]
             break
     else:
         lines += ["Embedding projection skipped: no Base and fine-tuned evaluations with per-sample arrays (.npz).", ""]
+    for task in study.tasks:
+        grid = plot_sample_grids(study, task, out / f"samples_{task}.png")
+        if grid is not None:
+            lines += [f"![Samples: {task}]({grid.name})", ""]
     if injections:
         inj = plot_injection(injections, out / "injection_sampling.png")
         lines += ["### Injection sampling (Appendix A.1)", "", f"![Injection sampling]({inj.name})", ""]
@@ -600,8 +643,8 @@ def write_report(
             "## Reward gained and diversity kept",
             "",
             "Each method's reward gain over Base in SE over runs (n = 1: the two models' sample SEs combined), "
-            "the share of Base's Inception Score it keeps, and the share of samples whose digit class equals "
-            "Base's on the same noise.",
+            "the share of Base's Inception Score it keeps, and its class agreement: the share of samples the "
+            "digit classifier assigns to the class they were conditioned on (Base: 100% on this noise).",
             "",
             markdown_table(study.kept_table()),
             "",

@@ -173,11 +173,14 @@ injection: {{method: ddpo, steps: [4, 2], num_samples: 2}}
     assert main(["paper", "--config", str(config)]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| train | 1 |" in report and "| evaluate | 2 |" in report and "Injection sampling" in report
+    assert "![Samples: jpeg_compressibility](samples_jpeg_compressibility.png)" in report
+    assert (tmp_path / "report" / "samples_jpeg_compressibility.png").is_file()
     evaluations = json.loads((tmp_path / "report" / "evaluations.json").read_text())
     assert [e["method"] for e in evaluations] == ["base", "ddpo"]
     assert len({e["initial_noise_digest"] for e in evaluations}) == 1
-    # a second call finds everything done and only rewrites the report
+    # a second call finds everything done and only rewrites the report, with the injection results it wrote
     assert main(["paper", "--config", str(config), "--stages", "train,report"]) == 0
+    assert "Injection sampling" in (tmp_path / "report" / "report.md").read_text()
     timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
     assert [t["stage"] for t in timings].count("train") == 1
 
@@ -210,8 +213,14 @@ def test_report_says_how_many_samples_every_table_is_from(tmp_path):
         f["settings"]["is_splits"] = 2
         (tmp_path / f"{i}.json").write_text(json.dumps(f))
     text = write_report([tmp_path], tmp_path / "out").read_text()
-    # Tables 1-3 (Vendi twice) and the three ablation tables: a line under each
+    # Tables 1-3 (Vendi twice): a line under each; every column is one method, so no window ablation
+    assert text.count("Samples per model: 10.") == 3 and text.count("Samples per model: 10, in 2 IS splits of 5.") == 1
+    assert "Window ablation" not in text
+    preset = {**_fake("hrf-early", "r", 0, -0.4, 2.0), "settings": {**files[1]["settings"]}}
+    (tmp_path / "3.json").write_text(json.dumps(preset))  # the HRF column now pools a preset: the ablation shows
+    text = write_report([tmp_path], tmp_path / "out").read_text()
     assert text.count("Samples per model: 10.") == 5 and text.count("Samples per model: 10, in 2 IS splits of 5.") == 2
+    (tmp_path / "3.json").unlink()
     files[2]["settings"]["num_samples"] = 500
     (tmp_path / "2.json").write_text(json.dumps(files[2]))
     text = write_report([tmp_path], tmp_path / "out").read_text()
@@ -254,3 +263,12 @@ def test_comparison_line_gives_the_change_in_standard_errors_and_the_guards_befo
     )
     summary = evaluation.summary_line(tuned)
     assert summary.startswith("jpeg_compressibility -0.4780 ± 0.0004; class agreement 95.0%; IS 9.10")
+
+
+def test_image_row_puts_images_side_by_side_with_white_gaps():
+    from agents.report import image_row
+
+    images = np.stack([np.full((1, 2, 3), v, dtype=np.uint8) for v in (10, 20, 30)])
+    row = image_row(images, gap=1)
+    assert row.shape == (2, 3 * 3 + 2, 1)
+    assert row[0, :, 0].tolist() == [10, 10, 10, 255, 20, 20, 20, 255, 30, 30, 30]

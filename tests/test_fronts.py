@@ -50,3 +50,13 @@ def test_front_section_states_computed_verdicts_and_draws_the_plot(tmp_path):
     assert "at reward 0.1750, most Vendi (pixels): a (1.788 ± 0.038, 2 seeds), ahead of b by 0.181 (3.1 SE" in lines
     assert "| a | 1.913 ± 0.000 (2/2) | 1.788 ± 0.038 (2/2) | 1.625 ± 0.050 (2/2) |" in lines
     assert (tmp_path / "fronts.png").is_file() and "![Fronts](fronts.png)" in lines
+
+
+def test_a_pair_of_methods_is_compared_cell_by_cell_at_matched_reward():
+    from agents.fronts import pair_lines
+
+    summary = matched(RUNS, [0.2, 0.35], ["vendi_pixels"])
+    text = "\n".join(pair_lines(summary, [0.2, 0.35], {"vendi_pixels": "Vendi (pixels)"}, "a", "b"))
+    # at 0.2: a 1.75 ± 0.05, b 1.55 ± 0.05: +0.2 ± 0.0707 (2.8 SE); at 0.35 a has one seed: no comparison
+    assert "| Vendi (pixels) | +0.200 ± 0.071 (+2.8 SE) | – |" in text
+    assert "of 1 matched comparisons, a keeps more by 2 SE or more in 1, b in 0; 0 lie within 2 SE." in text

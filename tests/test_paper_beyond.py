@@ -63,6 +63,8 @@ def _study_yaml(tmp_path: Path, methods: str, extra: str = "") -> Path:
 
 def test_study_method_algo_errors(tmp_path):
     vard = "'envs_configs/digits_vard_{reward}.yaml'"
+    with pytest.raises(ConfigError, match=r"front_pairs names unknown methods \['hrf'\]; methods: \['vard'\]"):
+        load_study(_study_yaml(tmp_path, f"{{vard: {{config: {vard}, algo: vard}}}}", "front_pairs: [[vard, hrf]]\n"))
     with pytest.raises(ConfigError, match=r"methods\.vard\.algo: Input should be 'ppo-is', 'vard' or 'grpo'"):
         load_study(_study_yaml(tmp_path, f"{{vard: {{config: {vard}, algo: vardd}}}}"))
     with pytest.raises(
@@ -220,7 +222,7 @@ def test_kept_is_the_gain_in_se_over_seeds_and_the_share_of_base_is():
 
 def test_study_with_a_sweep_end_to_end_on_a_tiny_budget(tmp_path, tiny_vard):
     """Sweep runs are trained and evaluated, stay out of the method tables and get their own table and plot."""
-    overrides = "[" + ", ".join([*tiny_vard, "num_epochs=2", "save_every=2"]) + "]"  # 3 evaluations: a front
+    overrides = "[" + ", ".join([*tiny_vard, "num_epochs=2", "save_every=2", "eval.metric_nets=auto"]) + "]"
     methods = '{vard: {config: "envs_configs/digits_vard_{reward}.yaml", algo: vard}}'
     extra = (
         f"overrides: {overrides}\nevaluation: {{num_samples: 10, num_steps: 4, batch_size: 10}}\n"
@@ -245,3 +247,6 @@ def test_study_with_a_sweep_end_to_end_on_a_tiny_budget(tmp_path, tiny_vard):
     assert (tmp_path / "report" / "sweep.png").is_file()
     assert "## Reward gained and diversity kept" in report and "| jpeg_compressibility | vard |" in report
     assert "## Fronts: jpeg_compressibility" in report  # the method's run, evaluated at epochs 0, 1 and 2
+    fronts = report.split("## Fronts: jpeg_compressibility")[1]
+    for title in ("Inception Score (one split)", "class agreement", "embedding Vendi", "pixel Vendi"):
+        assert f"\n{title}:\n" in fronts, f"eval.metric_nets logs {title} along training: the fronts draw it"
