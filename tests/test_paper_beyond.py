@@ -250,3 +250,14 @@ def test_study_with_a_sweep_end_to_end_on_a_tiny_budget(tmp_path, tiny_vard):
     fronts = report.split("## Fronts: jpeg_compressibility")[1]
     for title in ("Inception Score (one split)", "class agreement", "embedding Vendi", "pixel Vendi"):
         assert f"\n{title}:\n" in fronts, f"eval.metric_nets logs {title} along training: the fronts draw it"
+
+
+def test_the_defaults_study_measures_every_digits_training_config_as_shipped():
+    study = load_study("envs_configs/paper_digits_defaults.yaml")
+    measured = {spec.config.format(reward=r) for spec in study.methods.values() for r in study.rewards}
+    shipped = {str(p) for p in Path("envs_configs").glob("digits_*.yaml") if "demo" not in p.name}
+    assert measured == {p for p in shipped if "t2i" not in p}
+    assert study.overrides == [] and not study.method_overrides, "the configs as a user runs them"
+    paper = load_study("envs_configs/paper_digits.yaml")
+    assert not set(study.seeds) & set(paper.seeds), "tuned on seeds no report uses"
+    assert study.evaluation == paper.evaluation
