@@ -197,6 +197,22 @@ def score_images(
     return ImageScores(values, embeddings, predicted)
 
 
+def _score_fields(values: dict[str, float], nets: Any) -> dict[str, Any]:
+    """An evaluation JSON's fields of :func:`score_images`' values, naming the networks."""
+    fields: dict[str, Any] = {
+        "inception_score": {
+            "mean": values["inception_score"],
+            "std": values["inception_score_std"],
+            "network": nets.classifier_name,
+        },
+        "vendi_pixel": values["vendi_pixel"],
+        "vendi_embedding": {"value": values["vendi_embedding"], "network": nets.embedder_name},
+    }
+    if "class_agreement" in values:
+        fields["class_agreement"] = values["class_agreement"]
+    return fields
+
+
 def evaluate_model(
     model: str | os.PathLike[str],
     settings: EvalSettings | None = None,
@@ -265,15 +281,7 @@ def evaluate_model(
         device=settings.device,
         label=label or str(model),
     )
-    result["inception_score"] = {
-        "mean": scores.values["inception_score"],
-        "std": scores.values["inception_score_std"],
-        "network": nets.classifier_name,
-    }
-    result["vendi_pixel"] = scores.values["vendi_pixel"]
-    result["vendi_embedding"] = {"value": scores.values["vendi_embedding"], "network": nets.embedder_name}
-    if "class_agreement" in scores.values:
-        result["class_agreement"] = scores.values["class_agreement"]
+    result.update(_score_fields(scores.values, nets))
     timings["metrics"] = time.perf_counter() - tic
     result["seconds"] = timings
     arrays["embeddings"] = scores.embeddings.numpy().astype(np.float32)
