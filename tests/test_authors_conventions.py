@@ -1,22 +1,30 @@
 """The HRF authors' conventions (alcazar90/ddpo-celebahq), each against a hand-computed example.
 
 Half-open clusters are tested in test_windows.py and the n − 1 advantage std in test_advantages.py; here the
-update: the clip range scaled by (K − k0)/K, the loss summed over steps, one optimizer step per batch.
+update: the clip range scaled by (K − k0)/K, the loss summed over steps, one optimizer step per batch; and
+when an epoch's first model reference is drawn (after the update).
 """
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from agents.algorithms import load_run_config
 from agents.common.advantages import compute_advantages
+from agents.common.collector import Collector
 from agents.common.config import ConfigError
+from agents.common.policy import DiffusionPolicy
 from agents.common.rollout import Rollout, RolloutLayout
 from agents.ppo_is.algorithm import ClippedUpdate
 from agents.ppo_is.config import TrainConfig
+from diffusion_gym import sampling
+from diffusion_gym.envs import DiffusionDenoiseVectorEnv
+from diffusion_gym.references import References, ReferenceSource
 
 K = 40
+SHAPE = (1, 16, 16)  # the embedded digits model's samples
 
 
 class ShiftPolicy(torch.nn.Module):
@@ -123,3 +131,99 @@ def test_the_authors_update_needs_one_step_per_batch():
         )
     with pytest.raises(ConfigError, match="DRIFT's subsets and per-step advantages"):
         load_run_config(None, ["train.clip_scaling=remaining", "drift.subset_fraction=0.5"])
+
+
+class VersionedReferences(ReferenceSource):
+    """Stand-in model references: each reference's class id is the version of the "model" that drew it."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape, self.version = shape, 0
+
+    def sample(self, n, rng, device="cpu"):
+        images = torch.full((n, *self.shape), self.version - 0.5)
+        return References(images.to(device), torch.full((n,), self.version, dtype=torch.long))
+
+
+class BatchConditions:
+    """A batch observer that records the class id each batch starts with."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def start_batch(self, groups, conditions):
+        self.seen.append(int(conditions[0]))
+
+    def stored_step(self, x0):
+        pass
+
+    def end_batch(self, final):
+        pass
+
+
+def _reference_envs(model, refs, window=((2, 4),)):
+    envs = DiffusionDenoiseVectorEnv(
+        num_envs=4,
+        model=model,
+        num_steps=6,
+        window=window if isinstance(window, str) else list(window),
+        references=refs,
+        samples_per_reference=4,
+        reward="jpeg_compressibility",
+        check_actions=False,
+    )
+    envs.reset(seed=0)
+    return envs
+
+
+@pytest.mark.parametrize(("after_update", "second_epoch"), [(False, [0, 1]), (True, [1, 1])])
+def test_an_epochs_first_reference_is_drawn_after_the_update(model, after_update, second_epoch):
+    """Two epochs of 2 batches, one reference per batch; the "update" between them makes the model version 1.
+
+    By default the next batch starts as soon as a batch ends, so epoch 2's first batch starts from a
+    reference of version 0 (drawn as epoch 1's last batch ended); in the authors' order both of epoch
+    2's batches start from version 1.
+    """
+    refs = VersionedReferences(SHAPE)
+    envs = _reference_envs(model, refs)
+    policy = DiffusionPolicy(model.unet, sampling.make_schedule(model.scheduler, 6, eta=1.0))
+    observer = BatchConditions()
+    collector = Collector(
+        envs, policy, torch.Generator().manual_seed(0), observers=[observer], redraw_references=after_update
+    )
+    collector.collect(2)
+    refs.version = 1  # the update
+    collector.collect(2)
+    assert observer.seen == [0, 0, *second_epoch]
+
+
+def test_a_redrawn_batch_keeps_its_start_step_and_groups(model):
+    """The batch's x becomes the new reference noised to the same step with noise drawn from the rng."""
+    refs = VersionedReferences(SHAPE)
+    core = _reference_envs(model, refs).core
+    k0, group = core.k0.clone(), core.group.clone()
+    refs.version = 1
+    assert core.redraw_references(np.random.default_rng(1))
+    assert torch.equal(core.k0, k0) and torch.equal(core.k, k0) and torch.equal(core.group, group)
+    assert core.c.tolist() == [1, 1, 1, 1]
+    seed = int(np.random.default_rng(1).integers(0, 2**62))
+    noise = torch.randn((4, *core.sample_shape), generator=torch.Generator().manual_seed(seed))
+    expected = sampling.add_noise(torch.full((4, *core.sample_shape), 0.5), noise, k0, core.schedule)
+    assert torch.allclose(core.x, expected, atol=1e-6)
+    # a batch that took a step cannot redraw
+    core.advance(core.x.clone(), score=False)
+    with pytest.raises(RuntimeError, match="not yet taken a step"):
+        core.redraw_references(np.random.default_rng(2))
+
+
+def test_a_batch_from_pure_noise_is_not_redrawn(model):
+    core = _reference_envs(model, VersionedReferences(SHAPE), window="full").core
+    x = core.x.clone()
+    assert not core.redraw_references(np.random.default_rng(1))
+    assert torch.equal(core.x, x)
+
+
+def test_references_after_update_needs_model_references():
+    with pytest.raises(ConfigError, match="needs references: model, got references: 'digits'"):
+        load_run_config(None, ["env.references_after_update=true", "env.references=digits"])
+    config = load_run_config(None, ["env.references_after_update=true", "env.references=model"])
+    assert config.env.references_after_update

@@ -145,6 +145,10 @@ class Collector:
             background thread while the next batch runs); ``False`` scores it at once on this thread
             (``core.reward_fn``), e.g. to measure what the overlap saves. The rewards are the same.
         phase: told ``"HRF-D probe"`` while the window probes for the next start step, ``"rollout"`` after.
+        redraw_references: draw the references of each collection's first batch again when it starts
+            (:meth:`~diffusion_gym.envs.denoise.DenoiseCore.redraw_references`): model references then
+            come from the policy as it is after the last update, not as it was when the previous
+            collection's last batch ended.
     """
 
     def __init__(
@@ -157,11 +161,12 @@ class Collector:
         observers: Sequence[BatchObserver] = (),
         overlap_rewards: bool = True,
         phase: Callable[[str], None] | None = None,
+        redraw_references: bool = False,
     ) -> None:
         self.envs, self.core, self.policy, self.generator = envs, envs.core, policy, generator
         self.dist = dist if dist is not None else Distributed()
         self.noise, self.observers = noise, list(observers)
-        self.overlap_rewards = overlap_rewards
+        self.overlap_rewards, self.redraw_references = overlap_rewards, redraw_references
         self.phase = phase if phase is not None else (lambda name: None)
         self.layout = RolloutLayout(self.core.num_envs, self.dist.world_size, self.dist.rank)
         self._cond_dim = policy.condition_noise_dim() if policy.condition_noise is not None else 0
@@ -176,6 +181,8 @@ class Collector:
         core, policy = self.core, self.policy
         draw_noise = policy_noise_sampler(core, self.generator, self.noise)
         rollout = Rollout(self.layout, core.device, self.dist)
+        if self.redraw_references:
+            core.redraw_references(self.envs.np_random)
         for _ in range(num_batches):
             cond_noise = None
             if self._cond_dim:

@@ -121,10 +121,24 @@ class EnvConfig(Section):
     window_kwargs: dict[str, Any] = Field(default_factory=dict, description="iterations, beta, stride, first, cycle")
     references: str | None = Field(None, description="digits, model, or an image folder (default: by model)")
     probe_size: int = Field(8, ge=1, description="references per HRF-D probe")
+    references_after_update: bool = Field(
+        False,
+        description="references: model: an epoch's first batch draws its references from the model after the "
+        "epoch's update (the HRF authors' order), not when the previous batch ended",
+    )
     prompts: str | list[str] | None = Field(
         None, description="text models: a built-in set (animals), a prompt file, or a list (default: animals)"
     )
     negative_prompt: str | None = Field(None, description="text models: the negative prompt (default: the model's)")
+
+    @model_validator(mode="after")
+    def _redrawn_references_are_model_samples(self) -> EnvConfig:
+        if self.references_after_update and self.references != "model":
+            raise ValueError(
+                f"references_after_update redraws the model's samples after each update; it needs references: model, "
+                f"got references: {self.references!r}"
+            )
+        return self
 
 
 class EvalConfig(Section):

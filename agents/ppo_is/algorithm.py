@@ -291,7 +291,14 @@ class PPOIS(Algorithm):
         self.drift = DriftAdvantages(d.subset_fraction, d.diversity_coef, run.dist) if d.enabled else None
         observers = self.drift.observers if self.drift is not None else []
         self.collector = Collector(
-            self.envs, self.policy, run.generator, run.dist, config.policy_noise, observers, phase=run.phase
+            self.envs,
+            self.policy,
+            run.generator,
+            run.dist,
+            config.policy_noise,
+            observers,
+            phase=run.phase,
+            redraw_references=config.env.references_after_update,
         )
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(),

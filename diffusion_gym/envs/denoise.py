@@ -264,6 +264,8 @@ class DenoiseCore:
         self.group = torch.full((b,), -1, dtype=torch.long, device=self.device)
         self.k_host = np.zeros(b, dtype=np.int64)  # host mirror of k: termination needs no device sync
         self.started = False
+        self._from_references = False  # whether the current batch started from noised references
+        self._condition: int | None = None  # the current batch's fixed condition (begin's condition)
         self._next_group = 0
         self._episodes_since_batch = 0
 
@@ -428,12 +430,10 @@ class DenoiseCore:
 
         noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
         k0 = torch.from_numpy(steps).to(self.device)
-        uses_refs = self.window.uses_references or (start_step is not None and start_step > 0)
-        if uses_refs:
+        self._from_references = self.window.uses_references or (start_step is not None and start_step > 0)
+        if self._from_references:
             which, group, count = self._groups(n, self.samples_per_reference)
-            refs = self.references.sample(count, rng, self.device)
-            images, c = refs.images[which], refs.conditions[which]
-            x = sampling.add_noise(images, noise, k0, self.schedule)
+            x, c = self._noised_references(which, count, noise, k0, rng)
         elif self.samples_per_condition > 1:  # GRPO: groups of episodes share a condition (a prompt)
             which, group, count = self._groups(n, self.samples_per_condition)
             x, c = noise, self.conditions.draw(count, rng).to(self.device)[which]
@@ -441,6 +441,7 @@ class DenoiseCore:
             x = noise
             c = self.conditions.draw(n, rng)
             c, group = c.to(self.device), torch.full((n,), -1, dtype=torch.long, device=self.device)
+        self._condition = None if condition is None else int(condition)
         if condition is not None:
             c = torch.full_like(c, int(condition))
         if self.shard is not None:  # keep this process's block of the global batch
@@ -454,6 +455,52 @@ class DenoiseCore:
         if self.sde_window is not None:  # the batch's SDE steps, counted from its (shared) start step
             a, b = self.sde_window.next_window(rng)
             self._set_sde_steps(int(steps[0]) + a, int(steps[0]) + b)
+
+    def _noised_references(
+        self, which: Tensor, count: int, noise: Tensor, k0: Tensor, rng: np.random.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``count`` references and noise reference ``which[i]`` to step ``k0[i]`` for episode ``i``."""
+        refs = self.references.sample(count, rng, self.device)
+        x = sampling.add_noise(refs.images[which], noise, k0, self.schedule)
+        return x, refs.conditions[which]
+
+    def redraw_references(self, rng: np.random.Generator) -> bool:
+        """Draw the references of a batch that has not taken a step again, e.g. after a policy update.
+
+        Model references (``references="model"``) are the current policy's samples. The trainers
+        start the next batch as soon as a batch ends, so an epoch's first batch would start from
+        samples of the model *before* the epoch's update; calling this at the start of each
+        collection draws them from the updated model instead, as the HRF authors' code does. The
+        batch keeps its start step and group ids; its references, their conditions and the initial
+        noise are drawn anew from ``rng``. A batch that starts from pure noise is left as it is.
+
+        Returns:
+            whether the batch's references were drawn again.
+
+        Raises:
+            RuntimeError: if no batch was started, or the batch has already taken a step.
+        """
+        if not self.started or bool((self.k != self.k0).any()):
+            raise RuntimeError("redraw_references needs a batch that has started and not yet taken a step")
+        if not self._from_references:
+            return False
+        if len(np.unique(self.k_host)) != 1:
+            raise RuntimeError("redraw_references needs a batch with one shared start step (start_mode='shared')")
+        n = self.global_num_envs
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
+        size = self.samples_per_reference
+        which = torch.arange(n, device=self.device) // size
+        k0 = torch.full((n,), int(self.k_host[0]), dtype=torch.long, device=self.device)
+        x, c = self._noised_references(which, -(-n // size), noise, k0, rng)
+        if self._condition is not None:
+            c = torch.full_like(c, self._condition)
+        if self.shard is not None:
+            mine = self.shard.block(n)
+            x, c = x[mine], c[mine]
+        self.x.copy_(x.to(self.x.dtype))
+        self.c.copy_(c.long())
+        return True
 
     def _groups(self, n: int, size: int) -> tuple[Tensor, Tensor, int]:
         """Split ``n`` episodes into consecutive groups of ``size``.
@@ -564,6 +611,8 @@ class DenoiseCore:
             "next_group": self._next_group,
             "episodes_since_batch": self._episodes_since_batch,
             "started": self.started,
+            "from_references": self._from_references,
+            "condition": self._condition,
             "episodes": {name: value.cpu() for name, value in episodes.items()},
             "k_host": k_host.cpu().numpy(),
         }
@@ -594,6 +643,8 @@ class DenoiseCore:
         self._next_group = int(state["next_group"])
         self._episodes_since_batch = int(state["episodes_since_batch"])
         self.started = bool(state["started"])
+        self._from_references = bool(state.get("from_references", self.window.uses_references))
+        self._condition = state.get("condition")
         for name, value in state["episodes"].items():
             setattr(self, name, value[mine].to(self.device))
         self.k_host = np.asarray(state["k_host"], dtype=np.int64)[mine].copy()
