@@ -541,8 +541,9 @@ def run_study(config_path: str | os.PathLike[str], stages: str = "all", log: Any
         before = len(timings.added)
         tic, start = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         value = fn(*args)
-        if stage in timings.added[before:]:  # skipped stages keep their old time
-            timings.add("wall", stage, time.perf_counter() - tic, start=start)
+        done = timings.added[before:].count(stage)
+        if done:  # skipped stages keep their old time; a call that redid some items says how many
+            timings.add("wall", stage, time.perf_counter() - tic, start=start, items=done)
         return value
 
     if "train" in wanted:

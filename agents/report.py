@@ -473,26 +473,39 @@ def plot_injection(injections: dict[str, dict[str, Any]], path: Path) -> Path:
 
 
 def runtime_table(timings: list[dict[str, Any]]) -> list[list[str]]:
-    """Rows ``stage, items, summed item seconds, wall-clock`` from a study's ``timings.json``."""
+    """Rows ``stage, items, summed item seconds, wall-clock`` from a study's ``timings.json``.
+
+    A stage's wall-clock is that of its last call that did any work; when that call redid only some of
+    the stage's items (a re-run after deleting some runs), the cell says how many, and the total is
+    marked as a sum of such partial calls.
+    """
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    walls = {t["name"]: t["seconds"] for t in timings if t["stage"] == "wall"}
+    walls = {t["name"]: t for t in timings if t["stage"] == "wall"}
     for t in timings:
         if t["stage"] != "wall":
             totals[t["stage"]] += t["seconds"]
             counts[t["stage"]] += 1
     rows = [["stage", "items", "item seconds (sum)", "wall-clock"]]
+    partial = False
     for stage, seconds in totals.items():
-        wall = f"{walls[stage]:.0f} s ({walls[stage] / 60:.1f} min)" if stage in walls else "—"
+        wall = "—"
+        if stage in walls:
+            secs, items = walls[stage]["seconds"], walls[stage].get("items", counts[stage])
+            wall = f"{secs:.0f} s ({secs / 60:.1f} min)"
+            if items < counts[stage]:
+                wall += f"; the last call, which redid {items} of the {counts[stage]} items"
+                partial = True
         rows.append([stage, str(counts[stage]), f"{seconds:.0f}", wall])
     if walls:
-        total = sum(walls.values())
+        total = sum(t["seconds"] for t in walls.values())
+        note = " (of the stages' last calls, some partial)" if partial else ""
         rows.append(
             [
                 "**total**",
                 str(sum(counts.values())),
                 f"{sum(totals.values()):.0f}",
-                f"{total:.0f} s ({total / 60:.1f} min)",
+                f"{total:.0f} s ({total / 60:.1f} min){note}",
             ]
         )
     return rows

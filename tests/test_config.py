@@ -176,7 +176,7 @@ def test_the_authors_config_is_the_hrf_config_with_the_authors_conventions():
         },
         "env.references": "model",
         "env.references_after_update": True,
-        "train.learning_rate": 2.5e-5,  # the HRF file's 4 steps of 1e-4 per epoch spread over 16
+        "train.learning_rate": 5e-5,  # tuned per task on seed 10 (incompressibility: 1e-4)
         "train.max_grad_norm": 1.0,
         "train.gradient_updates_per_epoch": 16,
         "train.adv_clip_max": 2.5,

@@ -14,7 +14,7 @@ from agents.cli import main
 from agents.evaluation import EvalSettings, _noise_digest, evaluate_model, injection_study, write_evaluation
 from agents.paper import format_duration, load_study, progress_note
 from agents.ppo_is.config import ConfigError
-from agents.report import Study, aggregate, load_results, write_report
+from agents.report import Study, aggregate, load_results, runtime_table, write_report
 from diffusion_gym import metrics, sampling
 from diffusion_gym.models import load_model
 from diffusion_gym.rewards import jpeg_size_kb
@@ -128,6 +128,18 @@ def test_report_tables_aggregate_over_seeds_and_check_claims(tmp_path):
     assert (tmp_path / "out" / "fig5_reward_vs_vendi.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="no evaluation JSON"):
         load_results([tmp_path / "out"])
+
+
+def test_a_partial_re_run_says_its_wall_clock_covers_only_some_items():
+    timings = [{"stage": "train", "name": n, "seconds": 60} for n in "abc"] + [
+        {"stage": "wall", "name": "train", "seconds": 70, "items": 1},
+        {"stage": "evaluate", "name": "a", "seconds": 5},
+        {"stage": "wall", "name": "evaluate", "seconds": 6},  # written before the item count was kept
+    ]
+    rows = runtime_table(timings)
+    assert rows[1] == ["train", "3", "180", "70 s (1.2 min); the last call, which redid 1 of the 3 items"]
+    assert rows[2] == ["evaluate", "1", "5", "6 s (0.1 min)"]
+    assert rows[3][3] == "76 s (1.3 min) (of the stages' last calls, some partial)"
 
 
 def test_cli_evaluate_then_report(tmp_path, capsys):

@@ -42,6 +42,7 @@ def test_beyond_study_validates_with_the_paper_budget(tmp_path):
     assert study.compare_with == ["docs/results/paper_digits/evaluations.json"] and study.jobs == 2
     assert (study.seeds, study.rewards, study.overrides) == (paper.seeds, paper.rewards, paper.overrides)
     assert study.evaluation == paper.evaluation and study.injection.method == "vard"
+    assert study.method_overrides["drift"] == paper.method_overrides["ddpo"]  # DRIFT = DDPO + its options
     cmd = _train_command(study, "vard", REWARDS[0], 1, tmp_path / "run")
     assert cmd[cmd.index("--algo") + 1] == "vard" and "envs_configs/digits_vard_jpeg_compressibility.yaml" in cmd
     assert "seed=1" in cmd and "num_epochs=8" in cmd and "eval.metric_nets=auto" in cmd
