@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install embedded embedded-t2i paper paper-beyond paper-t2i digits-defaults clean
+.PHONY: demo test lint install embedded embedded-t2i paper paper-beyond paper-conventions paper-t2i digits-defaults clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,10 +47,16 @@ paper: $(STAMP)
 	DIFFUSION_GYM_MAKE_PAPER=1 $(BIN)/diffusion-gym paper --config envs_configs/paper_digits.yaml
 
 # The window ablation (HRF early / later presets), VARD and DRIFT on the same budget and evaluation, next to the
-# committed rows of `make paper` (docs/results/paper_digits_beyond/): 4 methods x 2 rewards x 5 seeds + the VARD
-# beta sweep (4 runs); finished runs are skipped.
+# committed rows of `make paper`, and DDPO again for DRIFT's fronts (docs/results/paper_digits_beyond/): 5 methods x
+# 2 rewards x 5 seeds + the VARD beta sweep (4 runs); finished runs are skipped.
 paper-beyond: $(STAMP)
 	DIFFUSION_GYM_MAKE_PAPER=paper-beyond $(BIN)/diffusion-gym paper --config envs_configs/paper_digits_beyond.yaml
+
+# The HRF authors' conventions one group at a time on the project's HRF (model references, one step per batch, their
+# advantages and loss, half-open clusters), compressibility x 3 seeds, fronts against HRF
+# (docs/results/paper_digits_conventions/); 15 runs, about 30 minutes.
+paper-conventions: $(STAMP)
+	DIFFUSION_GYM_MAKE_PAPER=paper-conventions $(BIN)/diffusion-gym paper --config envs_configs/paper_digits_conventions.yaml
 
 # Every digits training config at its shipped defaults on a tuning seed: reward gain, IS and class agreement kept
 # (docs/results/digits_defaults/); 16 runs, about 35 minutes.

@@ -96,7 +96,8 @@ def pair_lines(
     """``first`` against ``second`` at matched reward: a table of differences and a computed verdict.
 
     Each cell is ``first − second`` (mean over the seeds that crossed, ± the combined SE, in SE); the
-    verdict counts the (metric, level) cells where either keeps more by 2 SE or more.
+    verdict counts the (metric, level) cells where either keeps more by 2 SE or more. :func:`front_lines`
+    passes the pair's own levels (:func:`reward_levels` of the two methods' runs).
     """
     rows = [["metric", *[f"at reward {level:.4f}" for level in levels]]]
     ahead, behind, close = 0, 0, 0
@@ -117,7 +118,8 @@ def pair_lines(
         f"{second} in {behind}; {close} lie within 2 SE."
     )
     return [
-        f"{first} − {second} at matched reward (positive: {first} keeps more):",
+        f"{first} − {second} at matched reward (levels: a quarter, half and three quarters of the way from the base's "
+        f"reward to the lower of the two methods' best seed-mean rewards; positive: {first} keeps more):",
         "",
         markdown_table(rows),
         "",
@@ -199,5 +201,8 @@ def front_lines(
         lines += [f"{title}:", "", markdown_table(matched_table(summary, levels, key)), ""]
     for first, second in pairs:
         if first in summary and second in summary:
-            lines += [*pair_lines(summary, levels, titles, first, second), ""]
+            # the pair's own levels: the range both reach, not the one the study's least-travelled method sets
+            mine = [r for r in runs if r.method in (first, second)]
+            own = reward_levels(mine)
+            lines += [*pair_lines(matched(mine, own, list(titles)), own, titles, first, second), ""]
     return [*lines, f"![Fronts]({path.name})", ""]

@@ -179,7 +179,9 @@ def best_and_runner_up(values: dict[str, tuple[float, float, int]], higher: bool
     if len(order) > 1:
         second = order[1]
         diff = abs(have[best][0] - have[second][0])
-        se = math.sqrt(np.nansum([have[best][1] ** 2, have[second][1] ** 2]))
+        if min(have[best][2], have[second][2]) < 2:
+            return text + f", ahead of {second} by {diff:.3f} (no SE: a method has one seed)"
+        se = math.sqrt(have[best][1] ** 2 + have[second][1] ** 2)
         z = diff / se if se > 0 else math.inf
         text += f", ahead of {second} by {diff:.3f} ({z:.1f} SE: {'a difference' if z >= 2 else 'within noise'})"
     return text

@@ -60,3 +60,14 @@ def test_a_pair_of_methods_is_compared_cell_by_cell_at_matched_reward():
     # at 0.2: a 1.75 ± 0.05, b 1.55 ± 0.05: +0.2 ± 0.0707 (2.8 SE); at 0.35 a has one seed: no comparison
     assert "| Vendi (pixels) | +0.200 ± 0.071 (+2.8 SE) | – |" in text
     assert "of 1 matched comparisons, a keeps more by 2 SE or more in 1, b in 0; 0 lie within 2 SE." in text
+
+
+def test_a_pair_is_matched_on_the_range_both_of_its_methods_reach(tmp_path):
+    # c barely rises (best seed mean 0.04): it sets the study's levels, not those of the pair a, b
+    slow = _run("c", 0, [0.0, 0.02, 0.04], [2.0, 2.0, 2.0])
+    lines = "\n".join(front_lines([*RUNS, slow], {"vendi_pixels": "Vendi (pixels)"}, tmp_path, pairs=[("a", "b")]))
+    assert "| method | at reward 0.0100 | at reward 0.0200 | at reward 0.0300 |" in lines  # the study's levels
+    # the pair's: a quarter, half and three quarters of a's 0.35 (as test_levels_lie_below_every_methods_best_seed_mean)
+    assert "| metric | at reward 0.0875 | at reward 0.1750 | at reward 0.2625 |" in lines
+    # at 0.175: a 1.7875 ± 0.0375, b 1.5625 and 1.65 (1.60625 ± 0.04375): +0.181 ± 0.058 (+3.1 SE)
+    assert "+0.181 ± 0.058 (+3.1 SE)" in lines

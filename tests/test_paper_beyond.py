@@ -37,12 +37,17 @@ def test_beyond_study_validates_with_the_paper_budget(tmp_path):
         "hrf-later": "ppo-is",
         "vard": "vard",
         "drift": "ppo-is",
+        "ddpo": "ppo-is",
     }
     assert study.methods["vard"].config == "envs_configs/digits_vard_{reward}.yaml"
     assert study.compare_with == ["docs/results/paper_digits/evaluations.json"] and study.jobs == 2
     assert (study.seeds, study.rewards, study.overrides) == (paper.seeds, paper.rewards, paper.overrides)
     assert study.evaluation == paper.evaluation and study.injection.method == "vard"
     assert study.method_overrides["drift"] == paper.method_overrides["ddpo"]  # DRIFT = DDPO + its options
+    # DDPO re-run exactly as make paper runs it, the reference of DRIFT's fronts
+    assert study.methods["ddpo"] == paper.methods["ddpo"]
+    assert study.method_overrides["ddpo"] == paper.method_overrides["ddpo"]
+    assert [tuple(p) for p in study.front_pairs] == [("drift", "ddpo")]
     cmd = _train_command(study, "vard", REWARDS[0], 1, tmp_path / "run")
     assert cmd[cmd.index("--algo") + 1] == "vard" and "envs_configs/digits_vard_jpeg_compressibility.yaml" in cmd
     assert "seed=1" in cmd and "num_epochs=8" in cmd and "eval.metric_nets=auto" in cmd
@@ -262,3 +267,45 @@ def test_the_defaults_study_measures_every_digits_training_config_as_shipped():
     paper = load_study("envs_configs/paper_digits.yaml")
     assert not set(study.seeds) & set(paper.seeds), "tuned on seeds no report uses"
     assert study.evaluation == paper.evaluation
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "window_kwargs":
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_conventions_study_changes_one_group_of_the_authors_values_at_a_time():
+    study, paper = (
+        load_study("envs_configs/paper_digits_conventions.yaml"),
+        load_study("envs_configs/paper_digits.yaml"),
+    )
+    reward = study.rewards[0]
+    assert set(study.seeds) <= set(paper.seeds) and reward in paper.rewards
+    # every method is the project's HRF file, run as make paper runs it
+    assert {spec.config for spec in study.methods.values()} == {paper.methods["hrf"].config}
+    assert study.overrides == [*paper.overrides, *paper.method_overrides["hrf"]]
+    assert [tuple(p) for p in study.front_pairs] == [(m, "hrf") for m in study.methods if m != "hrf"]
+    hrf = _flat(yaml.safe_load(Path(paper.methods["hrf"].config.format(reward=reward)).read_text()))
+    authors = _flat(yaml.safe_load(Path(paper.methods["hrf-authors"].config.format(reward=reward)).read_text()))
+    authors_lr = next(o for o in paper.method_overrides["hrf-authors"] if o.startswith("train.learning_rate="))
+    changed = set()
+    for method, overrides in study.method_overrides.items():
+        for override in overrides:
+            key, value = override.split("=", 1)
+            value = yaml.safe_load(value)
+            if key == "train.learning_rate":  # the authors' study lr, as make paper runs them
+                assert override == authors_lr
+            elif key.startswith("env.window_kwargs."):
+                assert authors["env.window_kwargs"][key.rsplit(".", 1)[1]] == value, (method, key)
+            else:
+                assert authors[key] == value != hrf[key], (method, key)
+            assert key not in changed, f"{key} belongs to one group only"
+            changed.add(key)
+    # together the groups cover every value in which the two files differ (window_kwargs key by key above)
+    differ = {k for k in hrf if hrf[k] != authors[k] and k != "env.window_kwargs"}
+    assert differ <= changed | {"train.learning_rate"}

@@ -8,7 +8,15 @@ import pytest
 from agents.cli import main
 from agents.paper import load_study
 from agents.ppo_is.config import ConfigError
-from agents.prompt_report import Guards, Run, at_crossing, first_reach, summarize, write_prompt_report
+from agents.prompt_report import (
+    Guards,
+    Run,
+    at_crossing,
+    best_and_runner_up,
+    first_reach,
+    summarize,
+    write_prompt_report,
+)
 
 GRPO_CONFIG = "envs_configs/digits-t2i_grpo_prompt_match.yaml"
 GUARDS = Guards(data_ink_margin_p90=10.0, margin_factor=2.0, diversity_floor=0.7)
@@ -131,3 +139,12 @@ def test_a_tiny_prompt_study_trains_grpo_and_vard_and_reports(tmp_path):
     assert [row["epoch"] for row in curve] == [0, 1, 2] and curve[0]["n_images"] == 20
     assert "## Diversity at matched accuracy" in (tmp_path / "report" / "report.md").read_text()
     assert not (tmp_path / "runs" / "eval").exists()  # no evaluation stage
+
+
+def test_best_and_runner_up_gives_no_se_for_a_single_seed():
+    """Two seeds each: the difference in SE; one seed: no SE is claimed (a single run has no spread)."""
+    two = best_and_runner_up({"a": (1.0, 0.1, 2), "b": (0.5, 0.1, 2)})
+    assert two.startswith("a (1.000 ± 0.100, 2 seeds), ahead of b by 0.500 (3.5 SE: a difference)")
+    one = best_and_runner_up({"a": (1.0, float("nan"), 1), "b": (0.5, float("nan"), 1)})
+    assert one.endswith("ahead of b by 0.500 (no SE: a method has one seed)")
+    assert "SE: a difference" not in one
