@@ -54,7 +54,7 @@ paper-beyond: $(STAMP)
 
 # The HRF authors' conventions one group at a time on the project's HRF (model references, one step per batch, their
 # advantages and loss, half-open clusters), compressibility x 3 seeds, fronts against HRF
-# (docs/results/paper_digits_conventions/); 15 runs, about 30 minutes.
+# (docs/results/paper_digits_conventions/); 15 runs, about 20 minutes.
 paper-conventions: $(STAMP)
 	DIFFUSION_GYM_MAKE_PAPER=paper-conventions $(BIN)/diffusion-gym paper --config envs_configs/paper_digits_conventions.yaml
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_gym.windows import PRESETS
+
 BASE = "base"
 FAMILY_ORDER = ("base", "ddpo", "hrf", "hrf-authors", "hrf-d")
 FAMILY_TITLES = {"base": "Base", "ddpo": "DDPO", "hrf": "HRF", "hrf-authors": "HRF (authors)", "hrf-d": "HRF-D"}
@@ -49,15 +51,12 @@ HIGHER_IS_BETTER_NOTE = "Higher is better for every reward here (compressibility
 
 
 def family(method: str) -> str:
-    """The table column of a method: the HRF window presets (``hrf``, ``hrf-*``) form ``hrf``.
+    """The table column of a method: the HRF window presets (``diffusion_gym.windows.PRESETS``) form ``hrf``.
 
-    HRF-D and ``hrf-authors`` (HRF under its authors' conventions) keep their own columns.
+    Every other method keeps its own column: HRF-D, ``hrf-authors`` (HRF under its authors' conventions) and
+    any variant named ``hrf-<something>`` that is not a preset (an ablation of one option).
     """
-    if method in (BASE, "ddpo", "hrf-d", "hrf-authors"):
-        return method
-    if method == "hrf" or method.startswith("hrf-"):
-        return "hrf"
-    return method
+    return "hrf" if method in PRESETS else method
 
 
 def load_results(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:

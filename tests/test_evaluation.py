@@ -14,7 +14,7 @@ from agents.cli import main
 from agents.evaluation import EvalSettings, _noise_digest, evaluate_model, injection_study, write_evaluation
 from agents.paper import format_duration, load_study, progress_note
 from agents.ppo_is.config import ConfigError
-from agents.report import Study, aggregate, load_results, runtime_table, write_report
+from agents.report import Study, aggregate, family, load_results, runtime_table, write_report
 from diffusion_gym import metrics, sampling
 from diffusion_gym.models import load_model
 from diffusion_gym.rewards import jpeg_size_kb
@@ -284,3 +284,15 @@ def test_image_row_puts_images_side_by_side_with_white_gaps():
     row = image_row(images, gap=1)
     assert row.shape == (2, 3 * 3 + 2, 1)
     assert row[0, :, 0].tolist() == [10, 10, 10, 255, 20, 20, 20, 255, 30, 30, 30]
+
+
+def test_only_the_window_presets_share_the_hrf_column():
+    assert [family(m) for m in ("hrf", "hrf-early", "hrf-later", "hrf-baseline")] == ["hrf"] * 4
+    # HRF-D, the authors' conventions and a one-option ablation named hrf-<option> keep their own columns
+    assert [family(m) for m in ("hrf-d", "hrf-authors", "hrf-model-refs", "ddpo", "base")] == [
+        "hrf-d",
+        "hrf-authors",
+        "hrf-model-refs",
+        "ddpo",
+        "base",
+    ]
