@@ -22,7 +22,7 @@ digit from every caption but the weight only from a two-to-one majority: it foll
 nearly always and weight prompts only partly, by design, leaving RL something to teach (as SD3.5-M
 on GenEval). At 45% the model learnt no use of the weight word at all (weight right 51%, a bold and
 a thin prompt on the same noise 0.5 grey levels of ink apart), and GRPO found nothing to amplify.
-Fixed seeds, 2 CPU threads, about 9 minutes::
+Fixed seeds, 2 CPU threads, 5-9 minutes on an idle machine::
 
     python scripts/train_digits_t2i.py
     python scripts/evaluate_digits_t2i.py      # the numbers quoted in the README

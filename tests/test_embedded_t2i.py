@@ -84,6 +84,8 @@ def test_the_first_ratio_of_an_update_is_one_on_it(family):
 T2I_CONFIG = Path(__file__).resolve().parents[1] / "envs_configs" / "digits-t2i_grpo_prompt_match.yaml"
 TINY_RUN = [
     "sample.num_steps=2",
+    "sample.sde_window=null",  # the config's 3-step sliding window needs 3 steps or more
+    "sample.sde_window_kwargs={}",
     "sample.num_envs=8",
     "sample.samples_per_condition=4",
     "eval.num_samples=24",
@@ -136,6 +138,9 @@ def test_grpo_raises_held_out_prompt_accuracy_in_seconds(tmp_path):
         T2I_CONFIG,
         [
             "sample.num_steps=6",
+            "sample.sde_window=null",  # every step an SDE step at the config's first lr: learnt in 10 epochs
+            "sample.sde_window_kwargs={}",
+            "train.learning_rate=1.0e-2",
             "sample.num_envs=32",
             "sample.samples_per_condition=8",
             "eval.num_samples=96",
